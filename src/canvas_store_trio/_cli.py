@@ -1,0 +1,166 @@
+"""``canvas-store-trio serve``: the ready-made server on trio-websocket."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import trio
+from trio_websocket import WebSocketRequest, serve_websocket
+
+from ._connection import Authorize, serve_connection
+from ._manager import RoomManager
+from ._protocol import Limits
+from ._storage import FileStorage, MemoryStorage, Storage
+
+logger = logging.getLogger("canvas_store_trio")
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="canvas-store-trio",
+        description="A sync server for @woven-ecs/canvas-store clients.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the sync server",
+        description="Run the sync server. Clients connect to "
+        "ws://HOST:PORT/?roomId=ROOM&clientId=CLIENT&token=TOKEN.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("PORT") or 8087),
+        help="port to listen on ($PORT, else 8087; 0 picks a free one)",
+    )
+    store = serve.add_mutually_exclusive_group()
+    store.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("data"),
+        help="folder of room files, in the Node server's format (./data)",
+    )
+    store.add_argument(
+        "--memory",
+        action="store_true",
+        help="keep rooms in memory only; they are lost when the server stops",
+    )
+    serve.add_argument(
+        "--save-throttle",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds from the first unsaved change to the save (5)",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds an empty room stays open (60)",
+    )
+    serve.add_argument(
+        "--authorize",
+        metavar="MODULE:FUNCTION",
+        help="hook that checks each token; without it every session is readwrite",
+    )
+    return parser
+
+
+def load_authorize(spec: str) -> Authorize:
+    """Import ``module:function``, looking in the current folder too."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise SystemExit(f"--authorize wants MODULE:FUNCTION, not {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        function = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"--authorize {spec}: {exc}") from None
+    if not callable(function):
+        raise SystemExit(f"--authorize {spec}: not a function")
+    return function  # type: ignore[no-any-return]
+
+
+def storage_factory(args: argparse.Namespace) -> Callable[[str], Storage]:
+    if args.memory:
+        rooms: dict[str, MemoryStorage] = {}
+        return lambda room_id: rooms.setdefault(room_id, MemoryStorage())
+    data_dir: Path = args.data_dir
+    return lambda room_id: FileStorage(dir=data_dir, room_id=room_id)
+
+
+async def serve(
+    args: argparse.Namespace, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run until SIGINT or SIGTERM, then close every session, flush every room, return."""
+    authorize = load_authorize(args.authorize) if args.authorize else None
+    limits = Limits()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with (
+            RoomManager(
+                idle_timeout=args.idle_timeout,
+                save_throttle=args.save_throttle,
+                create_storage=storage_factory(args),
+                limits=limits,
+            ) as manager,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def handler(request: WebSocketRequest) -> None:
+                await serve_connection(manager, request, authorize=authorize)
+
+            server = await nursery.start(
+                functools.partial(
+                    serve_websocket,
+                    handler,
+                    args.host,
+                    args.port,
+                    None,
+                    max_message_size=limits.max_message_size,
+                )
+            )
+            port = server.port
+            url = f"ws://{args.host}:{port}"
+            where = "in memory" if args.memory else f"in {args.data_dir}"
+            logger.info(
+                "Listening on %s (rooms kept %s). Connect with %s/?roomId=ROOM&clientId=CLIENT",
+                url,
+                where,
+                url,
+            )
+            task_status.started(port)
+            async for signum in signals:
+                logger.info("%s: closing sessions and saving rooms", signal.Signals(signum).name)
+                break
+            failed = await manager.close_all()
+            nursery.cancel_scope.cancel()
+    if failed:
+        raise SystemExit(1)
+    logger.info("all rooms saved; bye")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    if args.command == "serve":
+        trio.run(serve, args)

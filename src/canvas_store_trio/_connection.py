@@ -1,0 +1,171 @@
+"""From a WebSocket handshake to a session: the connect URL, authorize, and the refusals."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import attrs
+import trio
+from trio_websocket import WebSocketConnection, WebSocketRequest
+
+from ._manager import ManagerClosedError, RoomLoadError, RoomManager, TooManyRoomsError
+from ._room import Room, RoomFullError
+from ._session import AuthorizeResult, SessionInfo, as_authorize_result, close_reason
+
+logger = logging.getLogger("canvas_store_trio")
+
+MAX_ID_LENGTH = 256
+"""Characters in a room id or client id."""
+
+
+class ConnectRequestError(Exception):
+    """A connect URL the server refuses. ``code`` is stable; the message is the close reason."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@attrs.frozen
+class ConnectRequest:
+    room_id: str
+    client_id: str
+    token: str
+
+
+@attrs.frozen
+class AuthorizeInfo:
+    """What an ``authorize`` hook is told. ``request`` is None on a token refresh."""
+
+    room_id: str
+    client_id: str
+    token: str
+    request: Any = None
+
+
+Authorize = Callable[[AuthorizeInfo], AuthorizeResult | Any | Awaitable[Any]]
+"""Returns an AuthorizeResult (or a mapping of it), sync or async; raises to refuse."""
+
+
+def parse_connect_url(url: str, *, default_room_id: str = "default") -> ConnectRequest:
+    """Read ``roomId``, ``clientId`` and ``token`` from a connect URL or path.
+
+    A missing ``roomId`` means ``default_room_id``; a missing ``token`` is ``""``.
+    Raises :class:`ConnectRequestError` for a missing ``clientId`` or an id that is
+    too long.
+    """
+    query = parse_qs(urlsplit(url).query, keep_blank_values=True)
+
+    def first(name: str) -> str:
+        values = query.get(name)
+        return values[0] if values else ""
+
+    room_id = first("roomId") or default_room_id
+    client_id = first("clientId")
+    if not client_id:
+        raise ConnectRequestError("Missing clientId query parameter", "missing-client-id")
+    for name, value in (("roomId", room_id), ("clientId", client_id)):
+        if len(value) > MAX_ID_LENGTH or "\x00" in value:
+            raise ConnectRequestError(
+                f"{name} must be at most {MAX_ID_LENGTH} characters, without NUL",
+                "invalid-id",
+            )
+    return ConnectRequest(room_id, client_id, first("token"))
+
+
+async def authorize_with(authorize: Authorize, info: AuthorizeInfo) -> AuthorizeResult:
+    """Call a sync or async ``authorize`` hook and check what it returns."""
+    result = authorize(info)
+    if inspect.isawaitable(result):
+        result = await result
+    return as_authorize_result(result)
+
+
+async def serve_connection(
+    manager: RoomManager,
+    request: WebSocketRequest,
+    *,
+    authorize: Authorize | None = None,
+    default_room_id: str = "default",
+) -> None:
+    """Accept one WebSocket handshake and run its session until it ends.
+
+    The socket is accepted first, so the client's early frames wait in its buffer while
+    ``authorize`` runs and the room loads; none is dropped. Refusals close the socket:
+    1008 for a bad URL or a refused token, 1011 for a room that cannot be loaded, 1013
+    for a full room or server, 1001 while the server shuts down. Without ``authorize``
+    every session is readwrite. The socket is always closed when this returns.
+    """
+    ws = await request.accept()
+    try:
+        connect = parse_connect_url(request.path, default_room_id=default_room_id)
+    except ConnectRequestError as exc:
+        await ws.aclose(1008, str(exc))
+        return
+    room_id, client_id = connect.room_id, connect.client_id
+    result = AuthorizeResult("readwrite")
+    refresh = None
+    if authorize is not None:
+        try:
+            result = await authorize_with(
+                authorize, AuthorizeInfo(room_id, client_id, connect.token, request)
+            )
+        except Exception as exc:
+            logger.info("refused client %r in room %r: %s", client_id, room_id, exc)
+            await ws.aclose(1008, close_reason(str(exc) or "Unauthorized"))
+            return
+        refresh = _refresher(authorize, room_id, client_id)
+    if ws.closed:
+        return  # the client left while authorize ran: it never joins
+    try:
+        await manager.serve(
+            ws,
+            room_id,
+            client_id=client_id,
+            permissions=result.permissions,
+            metadata=result.metadata,
+            refresh=refresh,
+            on_ready=_log_join,
+        )
+    except RoomLoadError as exc:
+        await _refuse(ws, 1011, f"Room could not be loaded: {exc.__cause__}")
+    except (RoomFullError, TooManyRoomsError) as exc:
+        await _refuse(ws, 1013, str(exc))
+    except ManagerClosedError:
+        await _refuse(ws, 1001, "Server is shutting down")
+    else:
+        room = manager.get_existing_room(room_id)
+        logger.info(
+            "client %r left room %r (%d active)",
+            client_id,
+            room_id,
+            room.session_count() if room else 0,
+        )
+
+
+def _refresher(
+    authorize: Authorize, room_id: str, client_id: str
+) -> Callable[[str], Awaitable[AuthorizeResult]]:
+    async def refresh(token: str) -> AuthorizeResult:
+        return await authorize_with(authorize, AuthorizeInfo(room_id, client_id, token, None))
+
+    return refresh
+
+
+def _log_join(room: Room, session: SessionInfo) -> None:
+    logger.info(
+        "client %r joined room %r (%d active)",
+        session.client_id,
+        room.room_id,
+        room.session_count(),
+    )
+
+
+async def _refuse(ws: WebSocketConnection, code: int, reason: str) -> None:
+    with trio.CancelScope(shield=True) as scope:
+        scope.deadline = trio.current_time() + 5.0
+        await ws.aclose(code, close_reason(reason))

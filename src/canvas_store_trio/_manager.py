@@ -1,0 +1,204 @@
+"""RoomManager: the nursery that runs the rooms, and the one place rooms are found."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from ._protocol import Limits
+from ._room import (
+    DocumentPatchHook,
+    MessageSocket,
+    Room,
+    RoomClosedError,
+    SessionRemovedHook,
+    TokenRefreshHook,
+)
+from ._session import Permissions, SessionInfo, TokenRefresh
+from ._storage import Storage
+
+logger = logging.getLogger("canvas_store_trio")
+
+
+class RoomLoadError(Exception):
+    """A room's snapshot could not be loaded; the room refuses to serve.
+
+    The cause is chained (``__cause__``). Nothing was written to storage.
+    """
+
+
+class TooManyRoomsError(Exception):
+    """The manager already runs ``max_rooms`` rooms."""
+
+
+class ManagerClosedError(Exception):
+    """The manager is shutting down and opens no more rooms."""
+
+
+class RoomManager:
+    """Runs every room as a task in its own nursery.
+
+    Use it as ``async with RoomManager(...) as manager:``. Leaving the block calls
+    :meth:`close_all` (shielded), so every acked edit is flushed before it returns,
+    even when the block is cancelled.
+
+    ``get_or_create_room`` makes exactly one room per id, even when the first
+    connections to a room race for it: the first caller creates and starts the room,
+    and every caller waits for the same load. A room that is closing (idle timeout,
+    ``close_room``) is waited for, then replaced by a fresh one that loads what the
+    closing one saved, so no write is lost and no stale state is loaded.
+    """
+
+    def __init__(
+        self,
+        *,
+        idle_timeout: float = 30.0,
+        save_throttle: float = 10.0,
+        flush_timeout: float = 10.0,
+        create_storage: Callable[[str], Storage] | None = None,
+        on_session_removed: SessionRemovedHook | None = None,
+        on_document_patch: DocumentPatchHook | None = None,
+        on_token_refresh: TokenRefreshHook | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self.idle_timeout = idle_timeout
+        self.save_throttle = save_throttle
+        self.flush_timeout = flush_timeout
+        self.create_storage = create_storage
+        self.on_session_removed = on_session_removed
+        self.on_document_patch = on_document_patch
+        self.on_token_refresh = on_token_refresh
+        self.limits = limits or Limits()
+        self._rooms: dict[str, Room] = {}
+        self._nursery: trio.Nursery | None = None
+        self._exit_stack = AsyncExitStack()
+        self._closing = False
+
+    async def __aenter__(self) -> RoomManager:
+        self._nursery = await self._exit_stack.enter_async_context(trio.open_nursery())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        with trio.CancelScope(shield=True):
+            await self.close_all()
+        return await self._exit_stack.__aexit__(exc_type, exc, tb)
+
+    def room_ids(self) -> list[str]:
+        """The ids of the rooms open now (loading and closing ones included)."""
+        return list(self._rooms)
+
+    def get_existing_room(self, room_id: str) -> Room | None:
+        """The open room with this id, or None. Never creates one."""
+        return self._rooms.get(room_id)
+
+    async def get_or_create_room(self, room_id: str) -> Room:
+        """The room with this id, loaded and taking sessions; created if needed.
+
+        Raises :class:`RoomLoadError` when its snapshot cannot be loaded,
+        :class:`TooManyRoomsError` at ``limits.max_rooms``, and
+        :class:`ManagerClosedError` once :meth:`close_all` has begun.
+        """
+        while True:
+            if self._closing or self._nursery is None:
+                raise ManagerClosedError("the room manager is closed")
+            room = self._rooms.get(room_id)
+            if room is None:
+                room = self._start_room(room_id)
+            await room.wait_ready()
+            if room.load_error is not None:
+                raise RoomLoadError(f"room {room_id!r} could not be loaded") from room.load_error
+            if room.accepting:
+                return room
+            await room.wait_closed()
+
+    def _start_room(self, room_id: str) -> Room:
+        if len(self._rooms) >= self.limits.max_rooms:
+            raise TooManyRoomsError(f"this server already has {self.limits.max_rooms} rooms open")
+        storage = self.create_storage(room_id) if self.create_storage else None
+        room = Room(
+            room_id,
+            storage=storage,
+            save_throttle=self.save_throttle,
+            idle_timeout=self.idle_timeout,
+            flush_timeout=self.flush_timeout,
+            limits=self.limits,
+            on_session_removed=self.on_session_removed,
+            on_document_patch=self.on_document_patch,
+            on_token_refresh=self.on_token_refresh,
+        )
+        self._rooms[room_id] = room
+        assert self._nursery is not None
+        self._nursery.start_soon(room.run, self._forget, name=f"room {room_id!r}")
+        return room
+
+    def _forget(self, room: Room) -> None:
+        if self._rooms.get(room.room_id) is room:
+            del self._rooms[room.room_id]
+
+    async def serve(
+        self,
+        socket: MessageSocket,
+        room_id: str,
+        *,
+        client_id: str,
+        permissions: Permissions = "readwrite",
+        metadata: Any = None,
+        refresh: TokenRefresh | None = None,
+        on_ready: Callable[[Room, SessionInfo], None] | None = None,
+    ) -> None:
+        """Join ``room_id`` (creating it if needed) and serve the session until it ends.
+
+        If the room closes between being found and being joined, a fresh one is used.
+        Raises like :meth:`get_or_create_room` and :meth:`Room.serve`.
+        """
+        while True:
+            room = await self.get_or_create_room(room_id)
+            try:
+                return await room.serve(
+                    socket,
+                    client_id=client_id,
+                    permissions=permissions,
+                    metadata=metadata,
+                    refresh=refresh,
+                    on_ready=on_ready,
+                )
+            except RoomClosedError:
+                continue
+
+    async def close_room(self, room_id: str) -> None:
+        """Close one room's sessions, flush it and end its task. No-op if not open."""
+        room = self._rooms.get(room_id)
+        if room is not None:
+            await room.aclose()
+
+    async def close_all(self) -> list[str]:
+        """Close every session in every room, then flush every room. Safe to repeat.
+
+        Sessions go first, all at once, so that nothing more can be applied or acked;
+        then the rooms flush in parallel, each for at most ``flush_timeout`` seconds.
+        Returns the ids of the rooms that closed with unsaved changes (also logged).
+        """
+        self._closing = True
+        rooms = list(self._rooms.values())
+        for room in rooms:
+            room.begin_close()
+        for room in rooms:
+            await room.wait_closed()
+        failed = [room.room_id for room in rooms if room.unsaved]
+        if failed:
+            logger.error(
+                "closed with unsaved changes in %d room(s): %s",
+                len(failed),
+                ", ".join(map(repr, failed)),
+            )
+        return failed

@@ -1,0 +1,281 @@
+"""Wire messages, sans-IO: parse and check client frames, build server frames.
+
+:func:`parse_client_frame` either returns a whole, checked message or raises
+:class:`ProtocolError`; it never raises anything else, whatever bytes come in. A frame
+is checked in full before the room sees it, so a frame with one bad entry among many
+is refused whole and nothing of it is applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import attrs
+import orjson
+
+from ._document import Patch
+
+PROTOCOL_VERSION: Final = 2
+
+MessageId = str | int
+
+
+@attrs.frozen
+class Limits:
+    """Bounds on what one client may send or hold. Every default fits a legitimate client.
+
+    The defaults are sized for a 100k-component document sent as one frame (the client's
+    ``seedRoom`` and its offline buffer both do that), and for the benchmark's load
+    shapes (50 editors in one room, 1000 rooms, tens of thousands of frames a second).
+    """
+
+    max_message_size: int = 64 * 1024 * 1024
+    """Bytes in one incoming frame. Larger frames close the socket with 1009."""
+    max_keys_per_frame: int = 1_000_000
+    """Keys summed over every patch of one frame, document and presence together."""
+    max_buffer_length: int = 4_000_000
+    """The ``len`` of a buffer delta, and the values its runs may carry in all."""
+    max_ephemeral_keys: int = 10_000
+    """Presence keys one client may hold in a room."""
+    max_sessions_per_room: int = 1_000
+    """Sessions in one room; the next is closed with 1013."""
+    max_rooms: int = 100_000
+    """Rooms open in one manager; a connection that needs one more is closed with 1013."""
+    outbox_max_bytes: int = 256 * 1024 * 1024
+    """Bytes queued for one slow client before it is closed with 1008. A single frame
+    larger than this (a huge initial sync) is still sent when nothing else is queued."""
+    max_invalid_frames: int = 10
+    """Refused frames one session may send within ``invalid_frame_window`` seconds
+    before it is disconnected with 1008."""
+    invalid_frame_window: float = 60.0
+    rate_limit: float | None = None
+    """Frames per second one session may send on average (opt-in, off by default)."""
+    rate_burst: int = 100
+    """Frames a session may send at once before ``rate_limit`` applies."""
+
+
+class ProtocolError(Exception):
+    """A client frame that is refused whole. ``code`` is stable; ``message`` is for people."""
+
+    def __init__(self, code: str, message: str, message_id: MessageId | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.message_id = message_id
+
+
+@attrs.frozen
+class PatchMessage:
+    message_id: MessageId | None
+    document_patches: Sequence[Patch]
+    ephemeral_patches: Sequence[Patch]
+
+
+@attrs.frozen
+class ReconnectMessage:
+    last_timestamp: int
+    protocol_version: object
+    document_patches: Sequence[Patch]
+    ephemeral_patches: Sequence[Patch]
+
+    @property
+    def version_matches(self) -> bool:
+        return self.protocol_version == PROTOCOL_VERSION and type(self.protocol_version) is int
+
+
+@attrs.frozen
+class AuthRefreshMessage:
+    token: str
+
+
+ClientMessage = PatchMessage | ReconnectMessage | AuthRefreshMessage
+
+
+def _check_buffer_delta(field: str, delta: Mapping[str, Any], limits: Limits) -> None:
+    length = delta.get("len")
+    if type(length) is not int or not 0 <= length <= limits.max_buffer_length:
+        raise ProtocolError(
+            "invalid-buffer-delta",
+            f"buffer delta {field!r}: 'len' must be an integer from 0 to "
+            f"{limits.max_buffer_length}",
+        )
+    runs = delta.get("runs")
+    if type(runs) is not list:
+        raise ProtocolError(
+            "invalid-buffer-delta", f"buffer delta {field!r}: 'runs' must be a list"
+        )
+    total = 0
+    for run in runs:
+        if (
+            type(run) is not list
+            or len(run) != 2
+            or type(run[0]) is not int
+            or type(run[1]) is not list
+        ):
+            raise ProtocolError(
+                "invalid-buffer-delta",
+                f"buffer delta {field!r}: each run must be [integer offset, [numbers...]]",
+            )
+        values = run[1]
+        total += len(values)
+        if total > limits.max_buffer_length:
+            raise ProtocolError(
+                "invalid-buffer-delta",
+                f"buffer delta {field!r}: runs carry more than {limits.max_buffer_length} values",
+            )
+        if not all(type(v) is int or type(v) is float for v in values):
+            raise ProtocolError(
+                "invalid-buffer-delta", f"buffer delta {field!r}: run values must be numbers"
+            )
+
+
+def _check_patches(name: str, patches: object, limits: Limits, budget: int) -> int:
+    """Check a list of patches; return the key budget left. Raise ProtocolError if bad."""
+    if patches is None:
+        return budget
+    if type(patches) is not list:
+        raise ProtocolError("invalid-frame", f"'{name}' must be a list of objects")
+    for patch in patches:
+        if type(patch) is not dict:
+            raise ProtocolError("invalid-frame", f"each entry of '{name}' must be an object")
+        budget -= len(patch)
+        if budget < 0:
+            raise ProtocolError(
+                "too-many-keys", f"a frame may hold at most {limits.max_keys_per_frame} keys"
+            )
+        for key, value in patch.items():
+            if type(value) is not dict:
+                raise ProtocolError("invalid-component", f"{key!r}: a component must be an object")
+            exists = value.get("_exists", True)
+            if exists is not True and exists is not False:
+                raise ProtocolError("invalid-component", f"{key!r}: '_exists' must be a boolean")
+            for field, field_value in value.items():
+                if type(field_value) is dict and field_value.get("__buf") == 1:
+                    _check_buffer_delta(f"{key}.{field}", field_value, limits)
+    return budget
+
+
+def _message_id(frame: Mapping[str, Any]) -> MessageId | None:
+    message_id = frame.get("messageId")
+    if message_id is None or type(message_id) is str or type(message_id) is int:
+        return message_id
+    return None
+
+
+def parse_client_frame(data: str | bytes, limits: Limits) -> ClientMessage:
+    """Parse one client frame and check all of it. Raise :class:`ProtocolError` if bad."""
+    if not isinstance(data, str):
+        raise ProtocolError("binary-frame", "frames must be UTF-8 text, not binary")
+    try:
+        frame = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError("invalid-json", f"not valid JSON: {exc.msg}") from None
+    if type(frame) is not dict:
+        raise ProtocolError("invalid-frame", "a frame must be a JSON object")
+    kind = frame.get("type")
+    try:
+        if kind == "patch":
+            return _parse_patch(frame, limits)
+        if kind == "reconnect":
+            return _parse_reconnect(frame, limits)
+        if kind == "auth-refresh":
+            token = frame.get("token")
+            if type(token) is not str:
+                raise ProtocolError("invalid-frame", "'token' must be a string")
+            return AuthRefreshMessage(token)
+    except ProtocolError as exc:
+        exc.message_id = _message_id(frame)
+        raise
+    if kind is None:
+        raise ProtocolError("invalid-frame", "the frame has no 'type'", _message_id(frame))
+    raise ProtocolError("unknown-type", f"unknown frame type {kind!r}", _message_id(frame))
+
+
+def _parse_patch(frame: dict[str, Any], limits: Limits) -> PatchMessage:
+    message_id = frame.get("messageId")
+    if not (message_id is None or type(message_id) is str or type(message_id) is int):
+        raise ProtocolError("invalid-frame", "'messageId' must be a string or an integer")
+    document, ephemeral = _parse_patch_lists(frame, limits)
+    return PatchMessage(message_id, document, ephemeral)
+
+
+def _parse_reconnect(frame: dict[str, Any], limits: Limits) -> ReconnectMessage:
+    version = frame.get("protocolVersion")
+    last = frame.get("lastTimestamp")
+    if version != PROTOCOL_VERSION or type(version) is not int:
+        # A client of another protocol version may speak another frame format:
+        # it is answered with version-mismatch, not judged by this one.
+        return ReconnectMessage(0, version, (), ())
+    if type(last) is not int or last < 0:
+        raise ProtocolError("invalid-frame", "'lastTimestamp' must be a non-negative integer")
+    document, ephemeral = _parse_patch_lists(frame, limits)
+    return ReconnectMessage(last, version, document, ephemeral)
+
+
+def _parse_patch_lists(
+    frame: dict[str, Any], limits: Limits
+) -> tuple[Sequence[Patch], Sequence[Patch]]:
+    document = frame.get("documentPatches")
+    ephemeral = frame.get("ephemeralPatches")
+    budget = _check_patches("documentPatches", document, limits, limits.max_keys_per_frame)
+    _check_patches("ephemeralPatches", ephemeral, limits, budget)
+    return document or (), ephemeral or ()
+
+
+# --- server frames -----------------------------------------------------------------
+# Built as dicts in the Node server's key order, encoded once with orjson, and sent
+# as text. A broadcast is encoded once for every recipient.
+
+
+def encode(frame: Mapping[str, Any]) -> str:
+    return orjson.dumps(frame).decode()
+
+
+def ack_frame(message_id: MessageId | None, timestamp: int) -> str:
+    if message_id is None:
+        return encode({"type": "ack", "timestamp": timestamp})
+    return encode({"type": "ack", "messageId": message_id, "timestamp": timestamp})
+
+
+def patch_frame(
+    client_id: str,
+    document_patches: Sequence[Patch] | None = None,
+    timestamp: int | None = None,
+    ephemeral_patches: Sequence[Patch] | None = None,
+) -> str:
+    frame: dict[str, Any] = {"type": "patch", "clientId": client_id}
+    if document_patches:
+        frame["documentPatches"] = document_patches
+        frame["timestamp"] = timestamp
+    if ephemeral_patches:
+        frame["ephemeralPatches"] = ephemeral_patches
+    return encode(frame)
+
+
+def presence_frame(client_id: str, ephemeral: Patch) -> str:
+    """Presence alone, in the order the Node server writes it (patches before clientId)."""
+    return encode({"type": "patch", "ephemeralPatches": [ephemeral], "clientId": client_id})
+
+
+def client_count_frame(count: int) -> str:
+    return encode({"type": "clientCount", "count": count})
+
+
+def resync_frame(since: int) -> str:
+    return encode({"type": "resync", "since": since})
+
+
+def synced_frame(timestamp: int) -> str:
+    return encode({"type": "synced", "timestamp": timestamp})
+
+
+def version_mismatch_frame() -> str:
+    return encode({"type": "version-mismatch", "serverProtocolVersion": PROTOCOL_VERSION})
+
+
+def error_frame(error: ProtocolError) -> str:
+    frame: dict[str, Any] = {"type": "error", "code": error.code, "message": error.message}
+    if error.message_id is not None:
+        frame["messageId"] = error.message_id
+    return encode(frame)

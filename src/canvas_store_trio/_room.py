@@ -1,0 +1,562 @@
+"""A room: one document, its sessions, its presence, its saver and its idle timer.
+
+Frames are handled synchronously, in the task of the session that read them, by
+methods that never await. Trio runs one task at a time, so that is enough to make
+every frame atomic with no lock: a frame is checked, applied, broadcast and acked
+before any other frame in the process is looked at. The room's own task (started by
+:class:`~canvas_store_trio.RoomManager`) loads the document, runs the throttled saver,
+closes the room when it has been empty for ``idle_timeout``, and flushes on the way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import trio
+from trio_websocket import ConnectionClosed
+
+from ._document import Document, EphemeralState, Patch, Snapshot
+from ._protocol import (
+    AuthRefreshMessage,
+    Limits,
+    PatchMessage,
+    ProtocolError,
+    ReconnectMessage,
+    ack_frame,
+    client_count_frame,
+    error_frame,
+    parse_client_frame,
+    patch_frame,
+    presence_frame,
+    resync_frame,
+    synced_frame,
+    version_mismatch_frame,
+)
+from ._session import (
+    AuthorizeResult,
+    Permissions,
+    Session,
+    SessionInfo,
+    TokenRefresh,
+    as_authorize_result,
+    close_reason,
+)
+from ._storage import IncrementalStorage, Storage
+
+logger = logging.getLogger("canvas_store_trio")
+
+CLOSE_TIMEOUT = 5.0
+"""Seconds a session's clean-up may spend draining its outbox and closing its socket."""
+
+
+class MessageSocket(Protocol):
+    """The part of a trio-websocket ``WebSocketConnection`` a room uses."""
+
+    async def get_message(self) -> str | bytes: ...
+
+    async def send_message(self, message: str | bytes) -> None: ...
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+
+class RoomClosedError(Exception):
+    """The room is closing or closed; it takes no new sessions. Get a fresh one."""
+
+
+class RoomFullError(Exception):
+    """The room already has ``max_sessions_per_room`` sessions."""
+
+
+SessionRemovedHook = Callable[["Room", str, int], None]
+"""``(room, session_id, remaining)``, called after a session leaves."""
+DocumentPatchHook = Callable[["Room", Sequence[Patch]], None]
+"""``(room, document_patches)``, called after a frame's document patches are applied."""
+TokenRefreshHook = Callable[["Room", SessionInfo, str], Awaitable[Any] | Any]
+"""``(room, session, token) -> AuthorizeResult``; raise to end the session."""
+
+
+class Room:
+    """One document and the sessions editing it. Create rooms with a RoomManager.
+
+    Saves go through ``storage``: at most one at a time, ``save_throttle`` seconds after
+    the first unsaved change, then again whenever more changes arrive. A save that fails
+    keeps everything unsaved and is retried with backoff (1 s, doubling to 60 s).
+    """
+
+    def __init__(
+        self,
+        room_id: str,
+        *,
+        storage: Storage | None = None,
+        save_throttle: float = 10.0,
+        idle_timeout: float = 30.0,
+        flush_timeout: float = 10.0,
+        limits: Limits | None = None,
+        on_session_removed: SessionRemovedHook | None = None,
+        on_document_patch: DocumentPatchHook | None = None,
+        on_token_refresh: TokenRefreshHook | None = None,
+    ) -> None:
+        self.room_id = room_id
+        self.limits = limits or Limits()
+        self._storage = storage
+        self._incremental = isinstance(storage, IncrementalStorage)
+        self._save_throttle = save_throttle
+        self._idle_timeout = idle_timeout
+        self._flush_timeout = flush_timeout
+        self._on_session_removed = on_session_removed
+        self._on_document_patch = on_document_patch
+        self._on_token_refresh = on_token_refresh
+        self.document = Document(unsaved_keys=set() if self._incremental else None)
+        self.ephemeral = EphemeralState()
+        self._sessions: dict[str, Session] = {}
+        self._accepting = False
+        self._unsaved = trio.Event()
+        self._save_lock = trio.Lock()
+        self._idle_scope = trio.CancelScope()
+        self._close_requested = trio.Event()
+        self._ready = trio.Event()
+        self._closed = trio.Event()
+        self.load_error: BaseException | None = None
+        self.save_error: BaseException | None = None
+        """The last save failure, or None once a save succeeds."""
+
+    # --- lifetime ------------------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        """Whether the room is loaded and takes new sessions."""
+        return self._accepting
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    @property
+    def unsaved(self) -> bool:
+        """Whether the document has changes that storage does not have yet."""
+        return self._unsaved.is_set()
+
+    async def run(self, on_closed: Callable[[Room], None] | None = None) -> None:
+        """Load, serve until idle or closed, then flush. The room's one task.
+
+        A load failure is kept in :attr:`load_error` and ends the task: the room never
+        serves anyone, and storage is never written. On cancellation the room closes
+        its sessions and runs the final flush shielded, for at most ``flush_timeout``.
+        """
+        try:
+            await self._load()
+        except Exception as exc:
+            logger.error("room %r refused: its snapshot could not be loaded: %s", self.room_id, exc)
+            self.load_error = exc
+            self._ready.set()
+            self._closed.set()
+            if on_closed:
+                on_closed(self)
+            return
+        self._accepting = True
+        self._ready.set()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._saver)
+                await self._wait_until_idle_or_closed()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._stop_accepting()
+            with trio.CancelScope(shield=True):
+                await self._final_flush()
+            self._closed.set()
+            if on_closed:
+                on_closed(self)
+
+    async def _load(self) -> None:
+        if self._storage is not None:
+            snapshot = await self._storage.load()
+            if snapshot is not None:
+                self.document = Document.from_snapshot(snapshot, track_changes=self._incremental)
+
+    async def wait_ready(self) -> None:
+        """Wait until the room has loaded (or failed to: see :attr:`load_error`)."""
+        await self._ready.wait()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def aclose(self) -> None:
+        """Close every session, flush, and wait until the room has ended. Safe to repeat."""
+        self.begin_close()
+        await self._closed.wait()
+
+    def begin_close(self) -> None:
+        """Stop taking sessions and frames now; the room task then flushes and ends."""
+        self._stop_accepting()
+        self._close_requested.set()
+
+    def _stop_accepting(self) -> None:
+        self._accepting = False
+        sessions = list(self._sessions.values())
+        self._sessions.clear()
+        for session in sessions:
+            session.close(1001, "room closed")
+
+    async def _wait_until_idle_or_closed(self) -> None:
+        while True:
+            with trio.CancelScope() as self._idle_scope:
+                self._reset_idle_deadline()
+                await self._close_requested.wait()
+                return
+            if not self._sessions:
+                logger.info(
+                    "room %r closes after %g s without sessions", self.room_id, self._idle_timeout
+                )
+                return
+
+    def _reset_idle_deadline(self) -> None:
+        if self._sessions:
+            self._idle_scope.deadline = math.inf
+        else:
+            self._idle_scope.deadline = trio.current_time() + self._idle_timeout
+
+    # --- saving --------------------------------------------------------------------
+
+    def _mark_unsaved(self) -> None:
+        self._unsaved.set()
+
+    async def _saver(self) -> None:
+        while True:
+            await self._unsaved.wait()
+            await trio.sleep(self._save_throttle)
+            delay = 1.0
+            while not await self._save():
+                logger.warning(
+                    "room %r: save failed (%s); retrying in %g s, nothing is lost",
+                    self.room_id,
+                    self.save_error,
+                    delay,
+                )
+                await trio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    async def _save(self) -> bool:
+        """Write what is unsaved. Return False (and keep it unsaved) if storage fails."""
+        if self._storage is None:
+            self._unsaved = trio.Event()
+            return True
+        async with self._save_lock:
+            if not self._unsaved.is_set():
+                return True
+            self._unsaved = trio.Event()
+            changes = self.document.take_changes() if self._incremental else None
+            try:
+                if changes is not None:
+                    assert isinstance(self._storage, IncrementalStorage)
+                    await self._storage.save_changes(changes)
+                else:
+                    await self._storage.save(self.document.snapshot())
+            except BaseException as exc:
+                if changes is not None:
+                    self.document.restore_changes(changes)
+                self._unsaved.set()
+                if not isinstance(exc, Exception):
+                    raise
+                self.save_error = exc
+                return False
+            self.save_error = None
+            return True
+
+    async def flush(self) -> None:
+        """Save now if anything is unsaved. Raise the storage's error if that fails."""
+        if not await self._save():
+            assert self.save_error is not None
+            raise self.save_error
+
+    async def _final_flush(self) -> None:
+        with trio.move_on_after(self._flush_timeout):
+            if await self._save():
+                return
+        logger.error(
+            "room %r closed with unsaved changes: %s",
+            self.room_id,
+            self.save_error or f"flush took over {self._flush_timeout} s",
+        )
+
+    def get_snapshot(self) -> Snapshot:
+        return self.document.snapshot()
+
+    # --- sessions ------------------------------------------------------------------
+
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    def get_sessions(self) -> list[SessionInfo]:
+        return [session.info() for session in self._sessions.values()]
+
+    def get_session_permissions(self, session_id: str) -> Permissions | None:
+        session = self._sessions.get(session_id)
+        return session.permissions if session else None
+
+    def set_session_permissions(self, session_id: str, permissions: Permissions) -> None:
+        session = self._sessions.get(session_id)
+        if session:
+            session.permissions = as_authorize_result({"permissions": permissions}).permissions
+
+    def get_session_metadata(self, session_id: str) -> Any:
+        session = self._sessions.get(session_id)
+        return session.metadata if session else None
+
+    def set_session_metadata(self, session_id: str, metadata: Any) -> None:
+        session = self._sessions.get(session_id)
+        if session:
+            session.metadata = metadata
+
+    async def serve(
+        self,
+        socket: MessageSocket,
+        *,
+        client_id: str,
+        permissions: Permissions = "readwrite",
+        metadata: Any = None,
+        refresh: TokenRefresh | None = None,
+        on_ready: Callable[[Room, SessionInfo], None] | None = None,
+    ) -> None:
+        """Run one session on an open socket until either side closes it.
+
+        The session joins before this first awaits, or :class:`RoomClosedError` /
+        :class:`RoomFullError` is raised and nothing is sent. ``refresh`` checks the
+        token of an ``auth-refresh`` frame (the room's ``on_token_refresh`` otherwise).
+
+        On return or cancellation the session has left the room, and the socket has
+        been closed: after a normal end the queued frames are sent first, all within
+        ``CLOSE_TIMEOUT`` seconds, shielded from cancellation.
+        """
+        session = Session(
+            client_id,
+            permissions,
+            metadata,
+            outbox_max_bytes=self.limits.outbox_max_bytes,
+            refresh=refresh,
+        )
+        self._add_session(session)
+        if on_ready:
+            on_ready(self, session.info())
+        try:
+            with session.cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    session.nursery = nursery
+                    nursery.start_soon(self._write_outbox, session, socket)
+                    await self._read_frames(session, socket)
+                    session.close(1000, "")
+        finally:
+            self._remove_session(session)
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+                await self._close_socket(session, socket)
+
+    async def _read_frames(self, session: Session, socket: MessageSocket) -> None:
+        try:
+            while True:
+                self.handle_frame(session, await socket.get_message())
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    @staticmethod
+    async def _write_outbox(session: Session, socket: MessageSocket) -> None:
+        try:
+            while True:
+                await session.outbox_ready.wait()
+                for frame in session.take_outbox():
+                    await socket.send_message(frame)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            session.close(1006, "")
+
+    @staticmethod
+    async def _close_socket(session: Session, socket: MessageSocket) -> None:
+        code = session.close_code or 1000
+        try:
+            if code in (1000, 1001):
+                for frame in session.take_outbox():
+                    await socket.send_message(frame)
+            await socket.aclose(code, close_reason(session.close_reason))
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    def _add_session(self, session: Session) -> None:
+        if not self._accepting:
+            raise RoomClosedError(self.room_id)
+        if len(self._sessions) >= self.limits.max_sessions_per_room:
+            raise RoomFullError(
+                f"room {self.room_id!r} has {self.limits.max_sessions_per_room} sessions"
+            )
+        self._sessions[session.session_id] = session
+        self._reset_idle_deadline()
+        presence = self.ephemeral.snapshot_for(session.client_id)
+        if presence:
+            session.send(presence_frame("", presence))
+        self._broadcast(client_count_frame(len(self._sessions)))
+
+    def _remove_session(self, session: Session) -> None:
+        if self._sessions.pop(session.session_id, None) is None:
+            return
+        deletion = self.ephemeral.remove(session.client_id)
+        if deletion:
+            self._broadcast(presence_frame(session.client_id, deletion))
+        self._broadcast(client_count_frame(len(self._sessions)))
+        self._reset_idle_deadline()
+        if self._on_session_removed:
+            self._on_session_removed(self, session.session_id, len(self._sessions))
+
+    def _broadcast(self, frame: str, exclude: Session | None = None) -> None:
+        for session in list(self._sessions.values()):
+            if session is not exclude:
+                session.send(frame)
+
+    # --- frames --------------------------------------------------------------------
+
+    def handle_frame(self, session: Session, data: str | bytes) -> None:
+        """Check and handle one frame from a session, entirely, before returning."""
+        if session.session_id not in self._sessions:
+            return
+        limits = self.limits
+        try:
+            if not session.check_rate(limits.rate_limit, limits.rate_burst):
+                session.close(1008, "rate limit exceeded")
+                logger.warning(
+                    "room %r: client %r closed: over %g frames/s",
+                    self.room_id,
+                    session.client_id,
+                    limits.rate_limit,
+                )
+                self._remove_session(session)
+                return
+            message = parse_client_frame(data, limits)
+            if type(message) is PatchMessage:
+                self._on_patch(session, message)
+            elif type(message) is ReconnectMessage:
+                self._on_reconnect(session, message)
+            elif type(message) is AuthRefreshMessage:
+                self._on_auth_refresh(session, message)
+        except ProtocolError as exc:
+            self._refuse(session, exc)
+
+    def _refuse(self, session: Session, error: ProtocolError) -> None:
+        logger.warning(
+            "room %r: refused a frame from client %r: %s (%s)",
+            self.room_id,
+            session.client_id,
+            error.message,
+            error.code,
+        )
+        session.send(error_frame(error))
+        if session.note_refused(self.limits.max_invalid_frames, self.limits.invalid_frame_window):
+            session.close(1008, "too many invalid frames")
+            self._remove_session(session)
+
+    def _on_patch(self, session: Session, message: PatchMessage) -> None:
+        if not message.document_patches and not message.ephemeral_patches:
+            return
+        if session.permissions == "readwrite":
+            self._apply(session, message.document_patches, message.ephemeral_patches)
+        session.send(ack_frame(message.message_id, self.document.timestamp))
+
+    def _on_reconnect(self, session: Session, message: ReconnectMessage) -> None:
+        if not message.version_matches:
+            session.send(version_mismatch_frame())
+            return
+        document = self.document
+        since = document.timestamp
+        if session.permissions == "readwrite":
+            self._apply(session, message.document_patches, message.ephemeral_patches)
+            if message.last_timestamp > since:
+                session.send(resync_frame(since))
+        diff = document.diff_since(message.last_timestamp)
+        presence = self.ephemeral.snapshot_for(session.client_id)
+        if diff or presence:
+            session.send(
+                patch_frame(
+                    "",
+                    [diff] if diff else None,
+                    document.timestamp,
+                    [presence] if presence else None,
+                )
+            )
+        session.send(synced_frame(document.timestamp))
+
+    def _apply(
+        self,
+        session: Session,
+        document_patches: Sequence[Patch],
+        ephemeral_patches: Sequence[Patch],
+    ) -> None:
+        """Apply a frame's patches and broadcast them. Raise ProtocolError before any
+        change if the frame would take the client over its presence key limit."""
+        client_id = session.client_id
+        if ephemeral_patches:
+            self._check_presence_limit(client_id, ephemeral_patches)
+        changed = self.document.apply(document_patches)
+        if ephemeral_patches:
+            self.ephemeral.apply(client_id, ephemeral_patches)
+        if changed or ephemeral_patches:
+            self._broadcast(
+                patch_frame(
+                    client_id,
+                    document_patches if changed else None,
+                    self.document.timestamp,
+                    ephemeral_patches,
+                ),
+                exclude=session,
+            )
+        if changed:
+            self._mark_unsaved()
+            if self._on_document_patch:
+                self._on_document_patch(self, document_patches)
+
+    def _check_presence_limit(self, client_id: str, patches: Sequence[Patch]) -> None:
+        limit = self.limits.max_ephemeral_keys
+        held = self.ephemeral.by_client.get(client_id, {})
+        new_keys = {key for patch in patches for key in patch if key not in held}
+        if len(held) + len(new_keys) > limit:
+            raise ProtocolError(
+                "too-many-ephemeral-keys", f"a client may hold at most {limit} presence keys"
+            )
+
+    def _on_auth_refresh(self, session: Session, message: AuthRefreshMessage) -> None:
+        if session.refresh is None and self._on_token_refresh is None:
+            return
+        assert session.nursery is not None
+        session.nursery.start_soon(self._refresh_auth, session, message.token)
+
+    async def _refresh_auth(self, session: Session, token: str) -> None:
+        try:
+            if session.refresh is not None:
+                result = await session.refresh(token)
+            else:
+                assert self._on_token_refresh is not None
+                value = self._on_token_refresh(self, session.info(), token)
+                if isinstance(value, Awaitable):
+                    value = await value
+                result = as_authorize_result(value)
+        except Exception as exc:
+            logger.info(
+                "room %r: client %r closed: token refresh refused: %s",
+                self.room_id,
+                session.client_id,
+                exc,
+            )
+            session.close(1008, "token refresh refused")
+            self._remove_session(session)
+            return
+        if session.session_id in self._sessions:
+            session.permissions = result.permissions
+            if result.metadata is not None:
+                session.metadata = result.metadata
+
+
+__all__ = [
+    "AuthorizeResult",
+    "MessageSocket",
+    "Room",
+    "RoomClosedError",
+    "RoomFullError",
+]

@@ -1,0 +1,156 @@
+"""One client's session in a room: who it is, what it may do, and its outbox."""
+
+from __future__ import annotations
+
+import collections
+import math
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal
+
+import attrs
+import cattrs
+import trio
+
+Permissions = Literal["readwrite", "readonly"]
+PERMISSIONS: tuple[Permissions, ...] = ("readwrite", "readonly")
+
+
+@attrs.frozen
+class SessionInfo:
+    """What :meth:`Room.get_sessions` reports about one session."""
+
+    session_id: str
+    client_id: str
+    permissions: Permissions
+    metadata: Any = None
+
+
+@attrs.frozen
+class AuthorizeResult:
+    """What an ``authorize`` hook returns: the session's permissions and its metadata.
+
+    A plain mapping with the same keys (``{"permissions": ..., "metadata": ...}``) is
+    accepted too.
+    """
+
+    permissions: Permissions = attrs.field(validator=attrs.validators.in_(PERMISSIONS))
+    metadata: Any = None
+
+
+_converter = cattrs.Converter()
+
+
+def as_authorize_result(value: object) -> AuthorizeResult:
+    """Accept an :class:`AuthorizeResult` or a mapping; raise ValueError for anything else."""
+    if isinstance(value, AuthorizeResult):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return _converter.structure(dict(value), AuthorizeResult)
+        except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
+            raise ValueError(f"authorize returned {value!r}: {exc}") from None
+    raise ValueError(f"authorize must return an AuthorizeResult or a mapping, not {value!r}")
+
+
+TokenRefresh = Callable[[str], Awaitable[AuthorizeResult]]
+"""Checks a session's new token; raises to end the session."""
+
+
+class Session:
+    """A connected client, as the room sees it.
+
+    The room never waits on a session. It calls :meth:`send`, which queues the frame
+    and returns at once; the session's writer task sends the queue. A session whose
+    queue outgrows ``outbox_max_bytes`` is closed (1008) rather than buffered without
+    bound. :meth:`close` may be called from anywhere and more than once: it records
+    the first close code and cancels the session's tasks, whose clean-up sends the
+    close frame.
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        permissions: Permissions,
+        metadata: Any,
+        *,
+        outbox_max_bytes: int,
+        refresh: TokenRefresh | None = None,
+    ) -> None:
+        self.session_id = str(uuid.uuid4())
+        self.client_id = client_id
+        self.permissions: Permissions = permissions
+        self.metadata = metadata
+        self.refresh = refresh
+        self.outbox: collections.deque[str] = collections.deque()
+        self.outbox_bytes = 0
+        self.outbox_max_bytes = outbox_max_bytes
+        self.outbox_ready = trio.Event()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.cancel_scope = trio.CancelScope()
+        self.nursery: trio.Nursery | None = None
+        self.refused: collections.deque[float] = collections.deque()
+        self.rate_tokens = math.inf
+        self.rate_checked = 0.0
+
+    def info(self) -> SessionInfo:
+        return SessionInfo(self.session_id, self.client_id, self.permissions, self.metadata)
+
+    @property
+    def closing(self) -> bool:
+        return self.close_code is not None
+
+    def send(self, frame: str) -> None:
+        """Queue a frame without waiting. Close the session if it cannot keep up."""
+        if self.close_code is not None:
+            return
+        if self.outbox and self.outbox_bytes + len(frame) > self.outbox_max_bytes:
+            self.close(1008, "too slow: outbox full")
+            return
+        self.outbox.append(frame)
+        self.outbox_bytes += len(frame)
+        self.outbox_ready.set()
+
+    def take_outbox(self) -> list[str]:
+        """Everything queued, oldest first; the queue is empty afterwards."""
+        frames = list(self.outbox)
+        self.outbox.clear()
+        self.outbox_bytes = 0
+        if self.outbox_ready.is_set():
+            self.outbox_ready = trio.Event()
+        return frames
+
+    def close(self, code: int, reason: str) -> None:
+        """End the session with this close code (the first call wins)."""
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+        self.cancel_scope.cancel()
+
+    def check_rate(self, rate: float | None, burst: int) -> bool:
+        """Take one frame from the token bucket; False when the session is over its rate."""
+        if rate is None:
+            return True
+        now = trio.current_time()
+        tokens = min(float(burst), self.rate_tokens + (now - self.rate_checked) * rate)
+        self.rate_checked = now
+        if tokens < 1.0:
+            self.rate_tokens = tokens
+            return False
+        self.rate_tokens = tokens - 1.0
+        return True
+
+    def note_refused(self, limit: int, window: float) -> bool:
+        """Count a refused frame; True when the session is over ``limit`` in ``window``."""
+        now = trio.current_time()
+        self.refused.append(now)
+        while self.refused and self.refused[0] < now - window:
+            self.refused.popleft()
+        return len(self.refused) > limit
+
+
+def close_reason(text: str) -> str:
+    """A WebSocket close reason: at most 123 bytes of UTF-8."""
+    data = text.encode()
+    return text if len(data) <= 123 else data[:120].decode(errors="ignore") + "..."
