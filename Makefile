@@ -1,0 +1,29 @@
+# One command each: `make serve` runs the server, `make test` runs every test.
+# Both set up what they need first (a venv in .venv, and node/node_modules for tests).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup serve test lint bench
+
+$(BIN)/canvas-store-trio: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+node/node_modules/.package-lock.json: node/package-lock.json
+	cd node && npm ci --no-audit --no-fund
+
+setup: $(BIN)/canvas-store-trio node/node_modules/.package-lock.json
+
+serve: $(BIN)/canvas-store-trio
+	$(BIN)/canvas-store-trio serve
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: $(BIN)/canvas-store-trio
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy

@@ -1,0 +1,108 @@
+"""FileStorage on real files: the Node format, atomic replace, safe names, corrupt files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import trio
+
+from canvas_store_trio import Document, FileStorage, Snapshot, SnapshotError, StorageError
+from canvas_store_trio._storage import room_file_name, room_id_from_file_name
+
+NODE_FILE = Path(__file__).parent / "data" / "node-room.json"
+
+
+async def test_a_file_written_by_the_node_server_loads(tmp_path: Path) -> None:
+    shutil.copy(NODE_FILE, tmp_path / "node-room.json")
+    snapshot = await FileStorage(dir=tmp_path, room_id="node-room").load()
+    assert snapshot is not None
+    doc = Document.from_snapshot(snapshot)
+    assert doc.timestamp == 5
+    assert doc.state["e2/stroke"]["points"] == [1, 2, 3, 4, 5, 6]
+    assert doc.state["e3/pos"] == {"_exists": False}
+    # A client that last saw timestamp 3 learns of the deletion and the new note.
+    assert doc.diff_since(3) == {
+        "e3/pos": {"_exists": False},
+        "e4/note": {"_exists": True, "text": "héllo ✓", "tags": ["a", {"b": None}]},
+    }
+
+
+async def test_save_then_load_round_trips_in_the_node_format(tmp_path: Path) -> None:
+    storage = FileStorage(dir=tmp_path / "nested", room_id="room-1")
+    doc = Document()
+    doc.apply([{"e/c": {"_exists": True, "v": [1, 2]}}])
+    doc.apply([{"e/c": {"_exists": False}}])
+    await storage.save(doc.snapshot())
+    assert (tmp_path / "nested" / "room-1.json").exists()
+    loaded = await storage.load()
+    assert loaded == Snapshot(2, {"e/c": {"_exists": False}}, {"e/c": {"_exists": 2}})
+    assert os.listdir(tmp_path / "nested") == ["room-1.json"]
+
+
+async def test_a_failed_write_leaves_the_old_snapshot(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = FileStorage(dir=tmp_path, room_id="r")
+    await storage.save(Snapshot(1, {"a/b": {"_exists": True}}, {"a/b": {"_exists": 1}}))
+
+    def broken_replace(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(StorageError, match="No space left"):
+        await storage.save(Snapshot(2, {}, {}))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["r.json"]  # no temp file left behind
+    loaded = await storage.load()
+    assert loaded is not None and loaded.timestamp == 1
+
+
+async def test_concurrent_saves_are_serialized_and_the_last_wins(tmp_path: Path) -> None:
+    storage = FileStorage(dir=tmp_path, room_id="r")
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            nursery.start_soon(storage.save, Snapshot(i, {}, {}))
+            await trio.sleep(0)
+    loaded = await storage.load()
+    assert loaded is not None and loaded.timestamp == 19
+
+
+@pytest.mark.parametrize("room_id", [
+    "../../x", "..", ".", ".hidden", "a/b", "/etc/passwd", "C:\\x", "a\\..\\b",
+    "é🙂", "con", "x" * 200, "~tilde", "a b?c#d",
+])
+async def test_hostile_room_ids_stay_inside_the_folder(tmp_path: Path, room_id: str) -> None:
+    inside = tmp_path / "data"
+    storage = FileStorage(dir=inside, room_id=room_id)
+    await storage.save(Snapshot(1, {}, {}))
+    [name] = os.listdir(inside)
+    assert (inside / name).resolve().parent == inside.resolve()
+    assert room_id_from_file_name(name) == room_id
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_plain_room_ids_keep_the_node_file_name() -> None:
+    assert room_file_name("my-room_1.v2") == "my-room_1.v2.json"
+    assert room_file_name("../x") != "../x.json"
+    assert room_file_name(".x").startswith("~")
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"{", b"null", b"[]", b'{"timestamp": "1", "state": {}}',
+    b'{"timestamp": 1, "state": {"a/b": 5}, "timestamps": {}}',
+    b'{"timestamp": 1, "state": {}, "timestamps": {"a/b": {"x": "1"}}}',
+])
+async def test_a_corrupt_file_is_refused_and_kept(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "r.json"
+    path.write_bytes(content)
+    with pytest.raises(SnapshotError):
+        await FileStorage(dir=tmp_path, room_id="r").load()
+    assert path.read_bytes() == content
+
+
+async def test_an_unreadable_file_is_an_error_not_an_empty_room(tmp_path: Path) -> None:
+    (tmp_path / "r.json").mkdir()  # reading a folder fails with EISDIR
+    with pytest.raises(StorageError):
+        await FileStorage(dir=tmp_path, room_id="r").load()
