@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import attrs
 import trio
 from trio_websocket import WebSocketRequest, serve_websocket
 
@@ -21,13 +22,6 @@ from ._protocol import Limits
 from ._storage import FileStorage, MemoryStorage, Storage
 
 logger = logging.getLogger("canvas_store_trio")
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,14 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--save-throttle",
-        type=_seconds,
+        type=_option_type("float"),
         default=5.0,
         metavar="SECONDS",
         help="seconds from the first unsaved change to the save (5)",
     )
     serve.add_argument(
         "--idle-timeout",
-        type=_seconds,
+        type=_option_type("float"),
         default=60.0,
         metavar="SECONDS",
         help="seconds an empty room stays open (60)",
@@ -80,7 +74,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE:FUNCTION",
         help="hook that checks each token; without it every session is readwrite",
     )
+    limits = serve.add_argument_group("limits (see README)")
+    for field in attrs.fields(Limits):
+        annotation = str(field.type)
+        default = "off" if field.default is None else field.default
+        limits.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=_option_type(annotation),
+            default=field.default,
+            metavar="N" if annotation == "int" else "X",
+            help=f"{field.metadata['help']} ({default})",
+        )
     return parser
+
+
+def _option_type(annotation: str) -> Callable[[str], object]:
+    """An argparse type for a number option of this annotation (``"float | None"``...)."""
+
+    def parse(text: str) -> object:
+        if annotation == "float | None" and text.lower() in ("off", "none"):
+            return None
+        value = int(text) if annotation == "int" else float(text)
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, not {text!r}")
+        return value
+
+    return parse
+
+
+def limits_from(args: argparse.Namespace) -> Limits:
+    return Limits(**{field.name: getattr(args, field.name) for field in attrs.fields(Limits)})
 
 
 def load_authorize(spec: str) -> Authorize:
@@ -112,7 +135,7 @@ async def serve(
 ) -> None:
     """Run until SIGINT or SIGTERM, then close every session, flush every room, return."""
     authorize = load_authorize(args.authorize) if args.authorize else None
-    limits = Limits()
+    limits = limits_from(args)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with (
             RoomManager(

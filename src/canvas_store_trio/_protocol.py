@@ -21,6 +21,10 @@ PROTOCOL_VERSION: Final = 2
 MessageId = str | int
 
 
+def _limit(default: Any, help: str) -> Any:
+    return attrs.field(default=default, metadata={"help": help})
+
+
 @attrs.frozen
 class Limits:
     """Bounds on what one client may send or hold. Every default fits a legitimate client.
@@ -28,31 +32,46 @@ class Limits:
     The defaults are sized for a 100k-component document sent as one frame (the client's
     ``seedRoom`` and its offline buffer both do that), and for the benchmark's load
     shapes (50 editors in one room, 1000 rooms, tens of thousands of frames a second).
+    Each field is also a ``serve`` option: ``max_rooms`` is ``--max-rooms``.
     """
 
-    max_message_size: int = 64 * 1024 * 1024
-    """Bytes in one incoming frame. Larger frames close the socket with 1009."""
-    max_keys_per_frame: int = 1_000_000
-    """Keys summed over every patch of one frame, document and presence together."""
-    max_buffer_length: int = 4_000_000
-    """The ``len`` of a buffer delta, and the values its runs may carry in all."""
-    max_ephemeral_keys: int = 10_000
-    """Presence keys one client may hold in a room."""
-    max_sessions_per_room: int = 1_000
-    """Sessions in one room; the next is closed with 1013."""
-    max_rooms: int = 100_000
-    """Rooms open in one manager; a connection that needs one more is closed with 1013."""
-    outbox_max_bytes: int = 256 * 1024 * 1024
-    """Bytes queued for one slow client before it is closed with 1008. A single frame
-    larger than this (a huge initial sync) is still sent when nothing else is queued."""
-    max_invalid_frames: int = 10
-    """Refused frames one session may send within ``invalid_frame_window`` seconds
-    before it is disconnected with 1008."""
-    invalid_frame_window: float = 60.0
-    rate_limit: float | None = None
-    """Frames per second one session may send on average (opt-in, off by default)."""
-    rate_burst: int = 100
-    """Frames a session may send at once before ``rate_limit`` applies."""
+    max_message_size: int = _limit(
+        64 * 1024 * 1024, "bytes in one incoming frame; a larger one closes with 1009"
+    )
+    max_keys_per_frame: int = _limit(
+        1_000_000, "keys summed over every patch of one frame, document and presence"
+    )
+    max_buffer_length: int = _limit(
+        4_000_000, "the len of a buffer delta, and the values its runs carry in all"
+    )
+    max_ephemeral_keys: int = _limit(10_000, "presence keys one client may hold in a room")
+    max_sessions_per_room: int = _limit(1_000, "sessions in one room; the next closes with 1013")
+    max_rooms: int = _limit(
+        100_000, "rooms open at once; a connection needing one more closes with 1013"
+    )
+    outbox_max_bytes: int = _limit(
+        64 * 1024 * 1024,
+        "bytes queued for one slow client before it is closed with 1008 "
+        "(one larger frame is still sent when nothing else is queued)",
+    )
+    max_invalid_frames: int = _limit(
+        10,
+        "refused frames a session may send within --invalid-frame-window seconds "
+        "before it is closed with 1008",
+    )
+    invalid_frame_window: float = _limit(60.0, "seconds over which refused frames count")
+    rate_limit: float | None = _limit(
+        None,
+        "frames per second one session may send on average; over it the session is "
+        "closed with 1008",
+    )
+    rate_burst: int = _limit(100, "frames a session may send at once before --rate-limit applies")
+    ping_interval: float | None = _limit(
+        30.0, "seconds between pings to each client ('off' for none)"
+    )
+    ping_timeout: float = _limit(
+        30.0, "seconds a client has to answer a ping before it is dropped as dead"
+    )
 
 
 class ProtocolError(Exception):

@@ -61,6 +61,8 @@ class MessageSocket(Protocol):
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
 
+    async def ping(self, payload: bytes | None = None) -> None: ...
+
 
 class RoomClosedError(Exception):
     """The room is closing or closed; it takes no new sessions. Get a fresh one."""
@@ -346,6 +348,8 @@ class Room:
                 async with trio.open_nursery() as nursery:
                     session.nursery = nursery
                     nursery.start_soon(self._write_outbox, session, socket)
+                    if self.limits.ping_interval is not None:
+                        nursery.start_soon(self._keep_alive, session, socket)
                     await self._read_frames(session, socket)
                     session.close(1000, "")
         finally:
@@ -370,6 +374,26 @@ class Room:
                     await socket.send_message(frame)
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             session.close(1006, "")
+
+    async def _keep_alive(self, session: Session, socket: MessageSocket) -> None:
+        """Ping every ``ping_interval``; drop the session if a pong takes too long."""
+        assert self.limits.ping_interval is not None
+        try:
+            while True:
+                await trio.sleep(self.limits.ping_interval)
+                with trio.move_on_after(self.limits.ping_timeout):
+                    await socket.ping()
+                    continue
+                logger.info(
+                    "room %r: client %r dropped: no pong within %g s",
+                    self.room_id,
+                    session.client_id,
+                    self.limits.ping_timeout,
+                )
+                session.close(1001, "ping timeout")
+                return
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
     @staticmethod
     async def _close_socket(session: Session, socket: MessageSocket) -> None:
