@@ -6,17 +6,20 @@ app's tasks; when the app is cancelled, `RoomManager` closes every session and s
 every room before the `async with` block ends.
 """
 
+import functools
 import logging
 
 import trio
-from trio_websocket import WebSocketRequest, serve_websocket
+from trio_websocket import WebSocketRequest
 
 from canvas_store_trio import (
     AuthorizeInfo,
     AuthorizeResult,
     FileStorage,
+    Limits,
     RoomManager,
     serve_connection,
+    serve_websockets,
 )
 
 # The app's own users: token -> (user, rooms they may edit, rooms they may only view).
@@ -41,17 +44,28 @@ def audit(room, patches) -> None:  # type: ignore[no-untyped-def]
 
 
 async def app() -> None:
-    async with RoomManager(
-        idle_timeout=30.0,
-        save_throttle=2.0,
-        create_storage=lambda room_id: FileStorage(dir="app-data", room_id=room_id),
-        on_document_patch=audit,
-    ) as manager, trio.open_nursery() as nursery:
+    async with (
+        RoomManager(
+            idle_timeout=30.0,
+            save_throttle=2.0,
+            create_storage=lambda room_id: FileStorage(dir="app-data", room_id=room_id),
+            on_document_patch=audit,
+        ) as manager,
+        trio.open_nursery() as nursery,
+    ):
 
         async def sync_endpoint(request: WebSocketRequest) -> None:
             await serve_connection(manager, request, authorize=authorize)
 
-        await nursery.start(serve_websocket, sync_endpoint, "127.0.0.1", 8088, None)
+        await nursery.start(
+            functools.partial(
+                serve_websockets,
+                sync_endpoint,
+                "127.0.0.1",
+                8088,
+                max_message_size=Limits().max_message_size,
+            )
+        )
         print("sync endpoint on ws://127.0.0.1:8088/?roomId=plans&clientId=C&token=alice-token")
         # ... the rest of the app runs here, in the same nursery ...
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import attrs
 import trio
-from trio_websocket import WebSocketRequest, serve_websocket
+from trio_websocket import WebSocketRequest
 
 from ._connection import Authorize, serve_connection
+from ._listener import serve_websockets
 from ._manager import RoomManager
 from ._protocol import Limits
 from ._storage import FileStorage, MemoryStorage, Storage
@@ -150,17 +151,16 @@ async def serve(
             async def handler(request: WebSocketRequest) -> None:
                 await serve_connection(manager, request, authorize=authorize)
 
-            server = await nursery.start(
+            listeners = await nursery.start(
                 functools.partial(
-                    serve_websocket,
+                    serve_websockets,
                     handler,
                     args.host,
                     args.port,
-                    None,
                     max_message_size=limits.max_message_size,
                 )
             )
-            port = server.port
+            port = listeners[0].socket.getsockname()[1]
             url = f"ws://{args.host}:{port}"
             where = "in memory" if args.memory else f"in {args.data_dir}"
             logger.info(
