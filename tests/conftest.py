@@ -1,6 +1,6 @@
 """Shared test helpers: a protocol client, and sessions over real WebSocket framing.
 
-``connect`` runs trio-websocket's real client and server halves over an in-memory
+``connect`` runs trio-websocket's client and our wire server over an in-memory
 stream pair, so room and manager tests can use ``autojump_clock``: a 60 s idle
 timeout takes milliseconds. End-to-end tests use real loopback sockets instead.
 """
@@ -21,10 +21,11 @@ from trio_websocket import (
     ConnectionClosed,
     WebSocketConnection,
     wrap_client_stream,
-    wrap_server_stream,
 )
 
 from canvas_store_trio import Authorize, RoomManager, serve_connection
+from canvas_store_trio._connection import HandshakeRequest
+from canvas_store_trio._wire import serve_wire_stream
 
 NODE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "node")
 
@@ -103,10 +104,12 @@ async def connect(
     client_stream, server_stream = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
 
-        async def serve_side() -> None:
-            request = await wrap_server_stream(nursery, server_stream,
-                                               max_message_size=manager.limits.max_message_size)
+        async def handler(request: HandshakeRequest) -> None:
             await serve_connection(manager, request, authorize=authorize)
+
+        async def serve_side() -> None:
+            await serve_wire_stream(handler, server_stream,
+                                    max_message_size=manager.limits.max_message_size)
 
         nursery.start_soon(serve_side)
         ws = await wrap_client_stream(nursery, client_stream, "localhost",  # type: ignore[arg-type]

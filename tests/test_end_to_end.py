@@ -1,4 +1,7 @@
-"""The CLI server over real loopback sockets: every frame type, in the documented order."""
+"""The CLI server over real loopback sockets: every frame type, in the documented order.
+
+Each test runs once per transport: our wire transport and trio-websocket.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +19,13 @@ from canvas_store_trio._cli import build_parser, serve
 from .conftest import Client
 
 
-@pytest.fixture
-async def url(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[str]:
+@pytest.fixture(params=["wire", "trio-websocket"])
+async def url(
+    nursery: trio.Nursery, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[str]:
     args = build_parser().parse_args(
-        ["serve", "--port", "0", "--data-dir", str(tmp_path), "--save-throttle", "0.05"])
+        ["serve", "--port", "0", "--data-dir", str(tmp_path), "--save-throttle", "0.05",
+         "--transport", request.param])
     port = await nursery.start(serve, args)
     yield f"ws://127.0.0.1:{port}"
 

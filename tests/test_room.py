@@ -20,7 +20,6 @@ from canvas_store_trio import (
 
 from .conftest import connect, frames_of
 
-
 NO_PINGS = Limits(ping_interval=None)
 
 
@@ -302,3 +301,15 @@ async def test_memory_storage_keeps_rooms_across_reopen(autojump_clock: Any) -> 
             frames = await b.reconnect()
         patch = frames_of(frames, "patch")[0]
         assert patch["documentPatches"] == [{"e/c": {"_exists": True, "v": 3}}]
+
+
+async def test_a_refused_token_closes_with_the_hooks_message(
+    autojump_clock: Any, manager: RoomManager
+) -> None:
+    async def authorize(info: AuthorizeInfo) -> AuthorizeResult:
+        await trio.sleep(1)
+        raise PermissionError("token expired")
+
+    async with connect(manager, "roomId=r&clientId=a&token=old", authorize=authorize) as a:
+        assert await a.closed() == (1008, "token expired")
+    assert manager.room_ids() == []

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import attrs
 import trio
-from trio_websocket import WebSocketRequest
 
-from ._connection import Authorize, serve_connection
-from ._listener import serve_websockets
+from ._connection import Authorize, HandshakeRequest, serve_connection
+from ._listener import TRANSPORTS, serve_websockets
 from ._manager import RoomManager
 from ._protocol import Limits
 from ._storage import FileStorage, MemoryStorage, Storage
@@ -74,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--authorize",
         metavar="MODULE:FUNCTION",
         help="hook that checks each token; without it every session is readwrite",
+    )
+    serve.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="wire",
+        help="WebSocket implementation: our lean one (wire, the default) or trio-websocket",
     )
     limits = serve.add_argument_group("limits (see README)")
     for field in attrs.fields(Limits):
@@ -148,7 +153,7 @@ async def serve(
             trio.open_nursery() as nursery,
         ):
 
-            async def handler(request: WebSocketRequest) -> None:
+            async def handler(request: HandshakeRequest) -> None:
                 await serve_connection(manager, request, authorize=authorize)
 
             listeners = await nursery.start(
@@ -158,6 +163,7 @@ async def serve(
                     args.host,
                     args.port,
                     max_message_size=limits.max_message_size,
+                    transport=args.transport,
                 )
             )
             port = listeners[0].socket.getsockname()[1]

@@ -5,21 +5,34 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest
 
 from ._manager import ManagerClosedError, RoomLoadError, RoomManager, TooManyRoomsError
-from ._room import Room, RoomFullError
+from ._room import MessageSocket, Room, RoomFullError
 from ._session import AuthorizeResult, SessionInfo, as_authorize_result, close_reason
 
 logger = logging.getLogger("canvas_store_trio")
 
 MAX_ID_LENGTH = 256
 """Characters in a room id or client id."""
+
+
+class AcceptedSocket(MessageSocket, Protocol):
+    @property
+    def closed(self) -> object: ...
+
+
+class HandshakeRequest(Protocol):
+    """A WebSocket handshake: ours (``WireRequest``) or trio-websocket's."""
+
+    @property
+    def path(self) -> str: ...
+
+    async def accept(self) -> AcceptedSocket: ...
 
 
 class ConnectRequestError(Exception):
@@ -87,7 +100,7 @@ async def authorize_with(authorize: Authorize, info: AuthorizeInfo) -> Authorize
 
 async def serve_connection(
     manager: RoomManager,
-    request: WebSocketRequest,
+    request: HandshakeRequest,
     *,
     authorize: Authorize | None = None,
     default_room_id: str = "default",
@@ -110,10 +123,9 @@ async def serve_connection(
     result = AuthorizeResult("readwrite")
     refresh = None
     if authorize is not None:
+        info = AuthorizeInfo(room_id, client_id, connect.token, request)
         try:
-            result = await authorize_with(
-                authorize, AuthorizeInfo(room_id, client_id, connect.token, request)
-            )
+            result = await _authorize_while_open(ws, authorize, info)
         except Exception as exc:
             logger.info("refused client %r in room %r: %s", client_id, room_id, exc)
             await ws.aclose(1008, close_reason(str(exc) or "Unauthorized"))
@@ -147,6 +159,34 @@ async def serve_connection(
         )
 
 
+async def _authorize_while_open(
+    ws: AcceptedSocket, authorize: Authorize, info: AuthorizeInfo
+) -> AuthorizeResult:
+    """Run ``authorize``; stop early if the client leaves (then ``ws.closed`` is set).
+
+    A socket with ``until_closed`` (our wire transport) is watched while the hook runs;
+    trio-websocket's reader task keeps ``closed`` up to date by itself.
+    """
+    result: AuthorizeResult | Exception = AuthorizeResult("readonly")
+    until_closed = getattr(ws, "until_closed", None)
+    async with trio.open_nursery() as nursery:
+        if until_closed is not None:
+
+            async def cancel_when_closed() -> None:
+                await until_closed()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(cancel_when_closed)
+        try:
+            result = await authorize_with(authorize, info)
+        except Exception as exc:  # raised below, not wrapped in an exception group
+            result = exc
+        nursery.cancel_scope.cancel()
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
 def _refresher(
     authorize: Authorize, room_id: str, client_id: str
 ) -> Callable[[str], Awaitable[AuthorizeResult]]:
@@ -165,7 +205,7 @@ def _log_join(room: Room, session: SessionInfo) -> None:
     )
 
 
-async def _refuse(ws: WebSocketConnection, code: int, reason: str) -> None:
+async def _refuse(ws: AcceptedSocket, code: int, reason: str) -> None:
     with trio.CancelScope(shield=True) as scope:
         scope.deadline = trio.current_time() + 5.0
         await ws.aclose(code, close_reason(reason))

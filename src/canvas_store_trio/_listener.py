@@ -1,9 +1,11 @@
 """TCP listeners that hand each WebSocket connection to a handler, one failure at a time.
 
-trio-websocket's own ``serve_websocket`` runs every connection's reader task in the
-server's nursery, so an error in one connection's protocol state ends the whole server:
-a client that sends a ping after the server's close frame is enough (wsproto refuses to
-answer it and trio-websocket lets that escape). Here each connection gets a nursery of
+Two transports serve the same handler: ``"wire"`` (the default, :mod:`._wire`, lean and
+in-task) and ``"trio-websocket"``. For the latter: trio-websocket's own
+``serve_websocket`` runs every connection's reader task in the server's nursery, so
+an error in one connection's protocol state ends the whole server: a client that sends
+a ping after the server's close frame is enough (wsproto refuses to answer it and
+trio-websocket lets that escape). Here each connection gets a nursery of
 its own, and whatever goes wrong in it closes that connection and is logged. The
 WebSocket side is still trio-websocket's (``wrap_server_stream``).
 """
@@ -13,13 +15,20 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 import trio
-from trio_websocket import WebSocketRequest, wrap_server_stream
+from trio_websocket import wrap_server_stream
+
+from ._wire import HttpHandler, default_http_handler, serve_wire_stream
 
 logger = logging.getLogger("canvas_store_trio")
 
-Handler = Callable[[WebSocketRequest], Awaitable[None]]
+Handler = Callable[[Any], Awaitable[None]]
+"""Takes a request with ``path`` and ``async accept()`` (``WireRequest`` or
+trio-websocket's ``WebSocketRequest``)."""
+Transport = Literal["wire", "trio-websocket"]
+TRANSPORTS: tuple[Transport, ...] = ("wire", "trio-websocket")
 
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a new connection has to finish its WebSocket handshake."""
@@ -56,16 +65,23 @@ async def serve_websockets(
     port: int,
     *,
     max_message_size: int,
+    transport: Transport = "wire",
+    http_handler: HttpHandler = default_http_handler,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``host:port`` and serve every connection with ``handler`` until cancelled.
 
     ``task_status.started`` gets the listeners (port 0 picks a free port; read it from
-    ``listeners[0].socket.getsockname()``).
+    ``listeners[0].socket.getsockname()``). Plain HTTP requests get ``http_handler``'s
+    answer on the wire transport (a health "ok" by default).
     """
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners)
-    await trio.serve_listeners(
-        functools.partial(serve_websocket_stream, handler, max_message_size=max_message_size),
-        listeners,
-    )
+    if transport == "wire":
+        serve_stream = functools.partial(serve_wire_stream, handler,
+                                         max_message_size=max_message_size,
+                                         http_handler=http_handler)
+    else:
+        serve_stream = functools.partial(serve_websocket_stream, handler,
+                                         max_message_size=max_message_size)
+    await trio.serve_listeners(serve_stream, listeners)

@@ -247,11 +247,11 @@ def _parse_patch_lists(
 # as text. A broadcast is encoded once for every recipient.
 
 
-def encode(frame: Mapping[str, Any]) -> str:
-    return orjson.dumps(frame).decode()
+def encode(frame: Mapping[str, Any]) -> bytes:
+    return orjson.dumps(frame)
 
 
-def ack_frame(message_id: MessageId | None, timestamp: int) -> str:
+def ack_frame(message_id: MessageId | None, timestamp: int) -> bytes:
     if message_id is None:
         return encode({"type": "ack", "timestamp": timestamp})
     return encode({"type": "ack", "messageId": message_id, "timestamp": timestamp})
@@ -262,7 +262,7 @@ def patch_frame(
     document_patches: Sequence[Patch] | None = None,
     timestamp: int | None = None,
     ephemeral_patches: Sequence[Patch] | None = None,
-) -> str:
+) -> bytes:
     frame: dict[str, Any] = {"type": "patch", "clientId": client_id}
     if document_patches:
         frame["documentPatches"] = document_patches
@@ -272,28 +272,28 @@ def patch_frame(
     return encode(frame)
 
 
-def presence_frame(client_id: str, ephemeral: Patch) -> str:
+def presence_frame(client_id: str, ephemeral: Patch) -> bytes:
     """Presence alone, in the order the Node server writes it (patches before clientId)."""
     return encode({"type": "patch", "ephemeralPatches": [ephemeral], "clientId": client_id})
 
 
-def client_count_frame(count: int) -> str:
+def client_count_frame(count: int) -> bytes:
     return encode({"type": "clientCount", "count": count})
 
 
-def resync_frame(since: int) -> str:
+def resync_frame(since: int) -> bytes:
     return encode({"type": "resync", "since": since})
 
 
-def synced_frame(timestamp: int) -> str:
+def synced_frame(timestamp: int) -> bytes:
     return encode({"type": "synced", "timestamp": timestamp})
 
 
-def version_mismatch_frame() -> str:
+def version_mismatch_frame() -> bytes:
     return encode({"type": "version-mismatch", "serverProtocolVersion": PROTOCOL_VERSION})
 
 
-def error_frame(error: ProtocolError) -> str:
+def error_frame(error: ProtocolError) -> bytes:
     frame: dict[str, Any] = {"type": "error", "code": error.code, "message": error.message}
     if error.message_id is not None:
         frame["messageId"] = error.message_id

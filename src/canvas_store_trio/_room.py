@@ -370,8 +370,7 @@ class Room:
         try:
             while True:
                 await session.outbox_ready.wait()
-                for frame in session.take_outbox():
-                    await socket.send_message(frame)
+                await _send_frames(socket, session.take_outbox())
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             session.close(1006, "")
 
@@ -400,8 +399,7 @@ class Room:
         code = session.close_code or 1000
         try:
             if code in (1000, 1001):
-                for frame in session.take_outbox():
-                    await socket.send_message(frame)
+                await _send_frames(socket, session.take_outbox())
             await socket.aclose(code, close_reason(session.close_reason))
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -431,7 +429,7 @@ class Room:
         if self._on_session_removed:
             self._on_session_removed(self, session.session_id, len(self._sessions))
 
-    def _broadcast(self, frame: str, exclude: Session | None = None) -> None:
+    def _broadcast(self, frame: bytes, exclude: Session | None = None) -> None:
         for session in list(self._sessions.values()):
             if session is not exclude:
                 session.send(frame)
@@ -575,6 +573,17 @@ class Room:
             session.permissions = result.permissions
             if result.metadata is not None:
                 session.metadata = result.metadata
+
+
+async def _send_frames(socket: MessageSocket, frames: list[bytes]) -> None:
+    """Send JSON frames as text: in one write where the socket can (our wire transport),
+    one message at a time otherwise (a trio-websocket connection)."""
+    send_text_frames = getattr(socket, "send_text_frames", None)
+    if send_text_frames is not None:
+        await send_text_frames(frames)
+    else:
+        for frame in frames:
+            await socket.send_message(frame.decode())
 
 
 __all__ = [

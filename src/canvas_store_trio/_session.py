@@ -82,7 +82,7 @@ class Session:
         self.permissions: Permissions = permissions
         self.metadata = metadata
         self.refresh = refresh
-        self.outbox: collections.deque[str] = collections.deque()
+        self.outbox: collections.deque[bytes] = collections.deque()
         self.outbox_bytes = 0
         self.outbox_max_bytes = outbox_max_bytes
         self.outbox_ready = trio.Event()
@@ -101,7 +101,7 @@ class Session:
     def closing(self) -> bool:
         return self.close_code is not None
 
-    def send(self, frame: str) -> None:
+    def send(self, frame: bytes) -> None:
         """Queue a frame without waiting. Close the session if it cannot keep up."""
         if self.close_code is not None:
             return
@@ -112,7 +112,7 @@ class Session:
         self.outbox_bytes += len(frame)
         self.outbox_ready.set()
 
-    def take_outbox(self) -> list[str]:
+    def take_outbox(self) -> list[bytes]:
         """Everything queued, oldest first; the queue is empty afterwards."""
         frames = list(self.outbox)
         self.outbox.clear()

@@ -1,0 +1,416 @@
+"""A lean server-side WebSocket (RFC 6455) on Trio streams: the default transport.
+
+It does only what a sync server needs, and does it in the caller's task: no reader task
+and no channel hop per frame. The session's own task reads bytes, parses frames and
+answers pings and close frames as it goes; its writer sends every queued frame in one
+``send_all``. Server frames are never masked, so framing a payload is a few header
+bytes. No extension is negotiated (browsers fall back to plain frames).
+
+Measured in bench/: against trio-websocket, the per-frame cost on the fan-out and
+many-rooms shapes is what decides whether we keep up with the Node server.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import hashlib
+import logging
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import attrs
+import trio
+from trio_websocket import CloseReason, ConnectionClosed
+
+logger = logging.getLogger("canvas_store_trio")
+
+MAX_HEAD_SIZE = 16 * 1024
+"""Bytes in an HTTP request head (request line and headers)."""
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a new connection has to send its request head."""
+RECEIVE_SIZE = 256 * 1024
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_OP_CONTINUATION, _OP_TEXT, _OP_BINARY = 0x0, 0x1, 0x2
+_OP_CLOSE, _OP_PING, _OP_PONG = 0x8, 0x9, 0xA
+
+
+class _ProtocolViolation(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@attrs.frozen
+class HttpRequest:
+    """A parsed HTTP request head. Header names are lower-case."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    remote: Any = None
+
+    @property
+    def is_websocket(self) -> bool:
+        return (
+            "websocket" in self.headers.get("upgrade", "").lower()
+            and "upgrade" in self.headers.get("connection", "").lower()
+        )
+
+
+HttpResponse = tuple[int, str, bytes]
+"""``(status, content_type, body)``"""
+HttpHandler = Callable[[HttpRequest], HttpResponse]
+
+
+def default_http_handler(request: HttpRequest) -> HttpResponse:
+    """Plain HTTP requests get a health answer, as the Node example server gives."""
+    return 200, "text/plain; charset=utf-8", b"ok"
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            426: "Upgrade Required", 431: "Request Header Fields Too Large"}
+
+
+def _http_response(status: int, content_type: str, body: bytes, head_only: bool = False) -> bytes:
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+        "Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
+    ).encode()
+    return head if head_only else head + body
+
+
+def _parse_head(head: bytes) -> HttpRequest | None:
+    try:
+        lines = head.decode("latin-1").split("\r\n")
+        method, path, version = lines[0].split(" ")
+    except ValueError:
+        return None
+    if not version.startswith("HTTP/1."):
+        return None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            return None
+        key = name.strip().lower()
+        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+    return HttpRequest(method, path, headers)
+
+
+def _text_header(length: int) -> bytes:
+    if length < 126:
+        return bytes((0x80 | _OP_TEXT, length))
+    if length < 65536:
+        return struct.pack("!BBH", 0x80 | _OP_TEXT, 126, length)
+    return struct.pack("!BBQ", 0x80 | _OP_TEXT, 127, length)
+
+
+def _control_frame(opcode: int, payload: bytes = b"") -> bytes:
+    return bytes((0x80 | opcode, len(payload))) + payload
+
+
+def _close_payload(code: int, reason: str) -> bytes:
+    return struct.pack("!H", code) + reason.encode()[:123] if code not in (1005, 1006) else b""
+
+
+def _unmask(payload: bytes | bytearray, mask: bytes) -> bytes:
+    length = len(payload)
+    if not length:
+        return b""
+    key = int.from_bytes((mask * (length // 4 + 1))[:length], "little")
+    return (int.from_bytes(payload, "little") ^ key).to_bytes(length, "little")
+
+
+class WireSocket:
+    """One accepted WebSocket connection. Used by one reader task and one writer task.
+
+    :meth:`get_message` reads and parses in the calling task, answering pings and
+    close frames on the way. :meth:`send_text_frames` frames every payload and sends
+    them in one write. :meth:`aclose` sends a close frame, waits (briefly) for the
+    peer's, and closes the stream; it is safe to call twice. Errors surface as
+    ``trio_websocket.ConnectionClosed``, so code written for trio-websocket works.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, request: HttpRequest, *,
+                 max_message_size: int, buffered: bytes = b"") -> None:
+        self._stream = stream
+        self.request = request
+        self.path = request.path
+        self._max_message_size = max_message_size
+        self._buffer = bytearray(buffered)
+        self._pending: collections.deque[str | bytes] = collections.deque()
+        self._fragments: list[bytes] = []
+        self._fragment_opcode = 0
+        self._fragment_size = 0
+        self._send_lock = trio.Lock()
+        self._pong = trio.Event()
+        self._close_sent = False
+        self.closed: CloseReason | None = None
+
+    async def _write(self, data: bytes) -> None:
+        async with self._send_lock:
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._set_closed(1006, "connection lost")
+                raise ConnectionClosed(self.closed) from None
+
+    def _set_closed(self, code: int, reason: str | None) -> None:
+        if self.closed is None:
+            self.closed = CloseReason(code, reason)
+
+    async def send_text_frames(self, payloads: Sequence[bytes]) -> None:
+        """Send UTF-8 JSON payloads as text frames, in one write."""
+        if self.closed is not None or self._close_sent:
+            raise ConnectionClosed(self.closed or CloseReason(1006, None))
+        parts = []
+        for payload in payloads:
+            parts.append(_text_header(len(payload)))
+            parts.append(payload)
+        await self._write(b"".join(parts))
+
+    async def send_message(self, message: str | bytes) -> None:
+        """trio-websocket's API: a str goes as text, bytes as a binary frame."""
+        if isinstance(message, str):
+            await self.send_text_frames([message.encode()])
+            return
+        header = bytes((0x80 | _OP_BINARY,)) + _text_header(len(message))[1:]
+        await self._write(header + message)
+
+    async def ping(self, payload: bytes | None = None) -> None:
+        """Send a ping and wait for a pong (the reader task must be reading)."""
+        self._pong = trio.Event()
+        await self._write(_control_frame(_OP_PING, payload or b"ping"))
+        await self._pong.wait()
+
+    async def get_message(self) -> str | bytes:
+        """The next text (str) or binary (bytes) message from the peer."""
+        if self._pending:
+            return self._pending.popleft()
+        return await self._receive()
+
+    async def until_closed(self) -> None:
+        """Read until the peer closes, keeping its messages for :meth:`get_message`.
+
+        Run it while the connection waits for something else (authorization) to learn
+        that the client left; cancel it when done waiting. Nothing read is lost.
+        """
+        try:
+            while True:
+                self._pending.append(await self._receive())
+        except ConnectionClosed:
+            return
+
+    async def _receive(self) -> str | bytes:
+        while True:
+            if self.closed is not None:
+                raise ConnectionClosed(self.closed)
+            try:
+                message = self._next_message()
+            except _ProtocolViolation as violation:
+                await self._fail(violation.code, violation.reason)
+                continue
+            if message is not None:
+                if isinstance(message, tuple):
+                    await self._on_control(*message)
+                    continue
+                return message
+            try:
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self._set_closed(1006, "connection lost")
+                continue
+            self._buffer += data
+
+    def _next_message(self) -> str | bytes | tuple[int, bytes] | None:
+        """Parse buffered bytes: a whole message, a control frame, or None for more."""
+        while True:
+            buffer = self._buffer
+            if len(buffer) < 2:
+                return None
+            first, second = buffer[0], buffer[1]
+            if first & 0x70:
+                raise _ProtocolViolation(1002, "no extension was negotiated")
+            if not second & 0x80:
+                raise _ProtocolViolation(1002, "client frames must be masked")
+            opcode = first & 0x0F
+            length = second & 0x7F
+            offset = 2
+            if length == 126:
+                if len(buffer) < 4:
+                    return None
+                (length,) = struct.unpack_from("!H", buffer, 2)
+                offset = 4
+            elif length == 127:
+                if len(buffer) < 10:
+                    return None
+                (length,) = struct.unpack_from("!Q", buffer, 2)
+                offset = 10
+            if opcode >= 0x8:
+                if length > 125 or not first & 0x80:
+                    raise _ProtocolViolation(1002, "bad control frame")
+            elif self._fragment_size + length > self._max_message_size:
+                raise _ProtocolViolation(
+                    1009, f"message over {self._max_message_size} bytes")
+            end = offset + 4 + length
+            if len(buffer) < end:
+                return None
+            payload = _unmask(buffer[offset + 4 : end], bytes(buffer[offset : offset + 4]))
+            del buffer[:end]
+            if opcode >= 0x8:
+                return opcode, payload
+            if opcode == _OP_CONTINUATION:
+                if not self._fragment_opcode:
+                    raise _ProtocolViolation(1002, "continuation without a message")
+            elif opcode in (_OP_TEXT, _OP_BINARY):
+                if self._fragment_opcode:
+                    raise _ProtocolViolation(1002, "new message inside a fragmented one")
+                self._fragment_opcode = opcode
+            else:
+                raise _ProtocolViolation(1002, f"unknown opcode {opcode}")
+            self._fragments.append(payload)
+            self._fragment_size += length
+            if not first & 0x80:
+                continue
+            data = b"".join(self._fragments)
+            kind = self._fragment_opcode
+            self._fragments, self._fragment_opcode, self._fragment_size = [], 0, 0
+            if kind == _OP_BINARY:
+                return data
+            try:
+                return data.decode()
+            except UnicodeDecodeError:
+                raise _ProtocolViolation(1007, "text frame is not valid UTF-8") from None
+
+    async def _on_control(self, opcode: int, payload: bytes) -> None:
+        if opcode == _OP_PING:
+            if not self._close_sent:
+                await self._write(_control_frame(_OP_PONG, payload))
+        elif opcode == _OP_PONG:
+            self._pong.set()
+        elif opcode == _OP_CLOSE:
+            code, reason = 1005, None
+            if len(payload) >= 2:
+                (code,) = struct.unpack_from("!H", payload)
+                reason = payload[2:].decode(errors="replace")
+            if not self._close_sent:
+                self._close_sent = True
+                await self._write(_control_frame(_OP_CLOSE, payload[:2]))
+            self._set_closed(code, reason)
+            await self._stream.aclose()
+        else:
+            raise _ProtocolViolation(1002, f"unknown control opcode {opcode}")
+
+    async def _fail(self, code: int, reason: str) -> None:
+        logger.info("closing a connection: %s (%d)", reason, code)
+        try:
+            await self.aclose(code, reason)
+        finally:
+            self._set_closed(code, reason)
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        """Close with ``code``; wait up to 2 s for the peer's close frame. Idempotent."""
+        if self._close_sent or self.closed is not None:
+            await trio.aclose_forcefully(self._stream)
+            return
+        self._close_sent = True
+        try:
+            await self._write(_control_frame(_OP_CLOSE, _close_payload(code, reason or "")))
+            with trio.move_on_after(2.0):
+                while True:
+                    data = await self._stream.receive_some(RECEIVE_SIZE)
+                    if not data:
+                        break
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._set_closed(code, reason)
+            await trio.aclose_forcefully(self._stream)
+
+
+class WireRequest:
+    """A WebSocket handshake waiting for :meth:`accept` (trio-websocket's request API)."""
+
+    def __init__(self, stream: trio.abc.Stream, request: HttpRequest, buffered: bytes,
+                 max_message_size: int) -> None:
+        self._stream = stream
+        self._request = request
+        self._buffered = buffered
+        self._max_message_size = max_message_size
+        self.path = request.path
+        self.headers = request.headers
+        self.remote = request.remote
+
+    async def accept(self) -> WireSocket:
+        key = self._request.headers.get("sec-websocket-key", "")
+        accept = base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
+        await self._stream.send_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept.encode() + b"\r\n\r\n"
+        )
+        return WireSocket(self._stream, self._request, max_message_size=self._max_message_size,
+                          buffered=self._buffered)
+
+
+async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, bytes] | None:
+    buffer = bytearray()
+    while True:
+        end = buffer.find(b"\r\n\r\n")
+        if end >= 0:
+            return bytes(buffer[:end]), bytes(buffer[end + 4 :])
+        if len(buffer) > MAX_HEAD_SIZE:
+            return None
+        data = await stream.receive_some(MAX_HEAD_SIZE)
+        if not data:
+            return None
+        buffer += data
+
+
+async def serve_wire_stream(
+    handler: Callable[[WireRequest], Awaitable[None]],
+    stream: trio.abc.Stream,
+    *,
+    max_message_size: int,
+    http_handler: HttpHandler = default_http_handler,
+) -> None:
+    """Serve one TCP connection: a WebSocket handshake for ``handler``, or plain HTTP.
+
+    Never raises except Cancelled; the stream is closed when this returns.
+    """
+    try:
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            read = await _read_head(stream)
+        if read is None or (request := _parse_head(read[0])) is None:
+            await stream.send_all(_http_response(400, "text/plain", b"bad request"))
+            return
+        rest = read[1]
+        if isinstance(stream, trio.SocketStream):
+            request = attrs.evolve(request, remote=stream.socket.getpeername())
+        if not request.is_websocket:
+            if request.method not in ("GET", "HEAD"):
+                await stream.send_all(_http_response(405, "text/plain", b"GET only"))
+                return
+            status, content_type, body = http_handler(request)
+            await stream.send_all(_http_response(status, content_type, body,
+                                                 head_only=request.method == "HEAD"))
+            return
+        if request.headers.get("sec-websocket-version") != "13" or \
+                not request.headers.get("sec-websocket-key"):
+            await stream.send_all(_http_response(426, "text/plain", b"WebSocket version 13"))
+            return
+        await handler(WireRequest(stream, request, rest, max_message_size))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
+        pass
+    except Exception as exc:
+        logger.warning("a connection failed and was closed: %r", exc)
+    finally:
+        await trio.aclose_forcefully(stream)
