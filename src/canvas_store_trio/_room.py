@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed
@@ -37,6 +37,7 @@ from ._protocol import (
 )
 from ._session import (
     AuthorizeResult,
+    MessageSocket,
     Permissions,
     Session,
     SessionInfo,
@@ -50,18 +51,6 @@ logger = logging.getLogger("canvas_store_trio")
 
 CLOSE_TIMEOUT = 5.0
 """Seconds a session's clean-up may spend draining its outbox and closing its socket."""
-
-
-class MessageSocket(Protocol):
-    """The part of a trio-websocket ``WebSocketConnection`` a room uses."""
-
-    async def get_message(self) -> str | bytes: ...
-
-    async def send_message(self, message: str | bytes) -> None: ...
-
-    async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
-
-    async def ping(self, payload: bytes | None = None) -> None: ...
 
 
 class RoomClosedError(Exception):
@@ -114,6 +103,8 @@ class Room:
         self.document = Document(unsaved_keys=set() if self._incremental else None)
         self.ephemeral = EphemeralState()
         self._sessions: dict[str, Session] = {}
+        self._unflushed: list[Session] = []
+        """Sessions with queued frames, written out by :meth:`_flush` after each event."""
         self._accepting = False
         self._unsaved = trio.Event()
         self._save_lock = trio.Lock()
@@ -334,10 +325,12 @@ class Room:
         ``CLOSE_TIMEOUT`` seconds, shielded from cancellation.
         """
         session = Session(
+            socket,
             client_id,
             permissions,
             metadata,
             outbox_max_bytes=self.limits.outbox_max_bytes,
+            pending=self._unflushed,
             refresh=refresh,
         )
         self._add_session(session)
@@ -347,7 +340,7 @@ class Room:
             with session.cancel_scope:
                 async with trio.open_nursery() as nursery:
                     session.nursery = nursery
-                    nursery.start_soon(self._write_outbox, session, socket)
+                    nursery.start_soon(session.run_writer)
                     if self.limits.ping_interval is not None:
                         nursery.start_soon(self._keep_alive, session, socket)
                     await self._read_frames(session, socket)
@@ -364,15 +357,6 @@ class Room:
                 self.handle_frame(session, await socket.get_message())
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-
-    @staticmethod
-    async def _write_outbox(session: Session, socket: MessageSocket) -> None:
-        try:
-            while True:
-                await session.outbox_ready.wait()
-                await _send_frames(socket, session.take_outbox())
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-            session.close(1006, "")
 
     async def _keep_alive(self, session: Session, socket: MessageSocket) -> None:
         """Ping every ``ping_interval``; drop the session if a pong takes too long."""
@@ -399,7 +383,7 @@ class Room:
         code = session.close_code or 1000
         try:
             if code in (1000, 1001):
-                await _send_frames(socket, session.take_outbox())
+                await session.drain()
             await socket.aclose(code, close_reason(session.close_reason))
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -417,6 +401,7 @@ class Room:
         if presence:
             session.send(presence_frame("", presence))
         self._broadcast(client_count_frame(len(self._sessions)))
+        self._flush()
 
     def _remove_session(self, session: Session) -> None:
         if self._sessions.pop(session.session_id, None) is None:
@@ -425,9 +410,16 @@ class Room:
         if deletion:
             self._broadcast(presence_frame(session.client_id, deletion))
         self._broadcast(client_count_frame(len(self._sessions)))
+        self._flush()
         self._reset_idle_deadline()
         if self._on_session_removed:
             self._on_session_removed(self, session.session_id, len(self._sessions))
+
+    def _flush(self) -> None:
+        """Write every queued frame the sockets take now, without waiting."""
+        unflushed = self._unflushed
+        while unflushed:
+            unflushed.pop().flush_nowait()
 
     def _broadcast(self, frame: bytes, exclude: Session | None = None) -> None:
         for session in list(self._sessions.values()):
@@ -461,6 +453,8 @@ class Room:
                 self._on_auth_refresh(session, message)
         except ProtocolError as exc:
             self._refuse(session, exc)
+        finally:
+            self._flush()
 
     def _refuse(self, session: Session, error: ProtocolError) -> None:
         logger.warning(
@@ -573,17 +567,6 @@ class Room:
             session.permissions = result.permissions
             if result.metadata is not None:
                 session.metadata = result.metadata
-
-
-async def _send_frames(socket: MessageSocket, frames: list[bytes]) -> None:
-    """Send JSON frames as text: in one write where the socket can (our wire transport),
-    one message at a time otherwise (a trio-websocket connection)."""
-    send_text_frames = getattr(socket, "send_text_frames", None)
-    if send_text_frames is not None:
-        await send_text_frames(frames)
-    else:
-        for frame in frames:
-            await socket.send_message(frame.decode())
 
 
 __all__ = [

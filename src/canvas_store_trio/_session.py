@@ -6,13 +6,40 @@ import collections
 import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import attrs
 import cattrs
 import trio
+from trio_websocket import ConnectionClosed
 
 Permissions = Literal["readwrite", "readonly"]
+
+
+class MessageSocket(Protocol):
+    """The part of a WebSocket connection a room uses (trio-websocket's API)."""
+
+    async def get_message(self) -> str | bytes: ...
+
+    async def send_message(self, message: str | bytes) -> None: ...
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+    async def ping(self, payload: bytes | None = None) -> None: ...
+
+
+@runtime_checkable
+class RawWriter(Protocol):
+    """A socket that frames payloads itself and can write without waiting (``WireSocket``)."""
+
+    @property
+    def unsent_bytes(self) -> int: ...
+
+    def frame_text(self, payloads: list[bytes]) -> bytes: ...
+
+    def write_nowait(self, data: bytes) -> bool: ...
+
+    async def write(self, data: bytes) -> None: ...
 PERMISSIONS: tuple[Permissions, ...] = ("readwrite", "readonly")
 
 
@@ -58,26 +85,31 @@ TokenRefresh = Callable[[str], Awaitable[AuthorizeResult]]
 
 
 class Session:
-    """A connected client, as the room sees it.
+    """A connected client, as the room sees it, and its outbox.
 
     The room never waits on a session. It calls :meth:`send`, which queues the frame
-    and returns at once; the session's writer task sends the queue. A session whose
-    queue outgrows ``outbox_max_bytes`` is closed (1008) rather than buffered without
-    bound. :meth:`close` may be called from anywhere and more than once: it records
-    the first close code and cancels the session's tasks, whose clean-up sends the
-    close frame.
+    and returns at once, and then :meth:`flush_nowait` (through the room's pending
+    list), which writes the queue straight to the socket when the kernel takes it, with
+    no task switch. What the socket cannot take now is sent by :meth:`run_writer`, the
+    session's writer task. A session whose queue outgrows ``outbox_max_bytes`` is closed
+    (1008) rather than buffered without bound. :meth:`close` may be called from anywhere
+    and more than once: it records the first close code and cancels the session's tasks,
+    whose clean-up sends the close frame.
     """
 
     def __init__(
         self,
+        socket: MessageSocket,
         client_id: str,
         permissions: Permissions,
         metadata: Any,
         *,
         outbox_max_bytes: int,
+        pending: list[Session],
         refresh: TokenRefresh | None = None,
     ) -> None:
         self.session_id = str(uuid.uuid4())
+        self.socket = socket
         self.client_id = client_id
         self.permissions: Permissions = permissions
         self.metadata = metadata
@@ -85,7 +117,10 @@ class Session:
         self.outbox: collections.deque[bytes] = collections.deque()
         self.outbox_bytes = 0
         self.outbox_max_bytes = outbox_max_bytes
-        self.outbox_ready = trio.Event()
+        self._pending = pending
+        self._flush_queued = False
+        self._raw: RawWriter | None = socket if isinstance(socket, RawWriter) else None
+        self._outbox_ready = trio.Event()
         self.close_code: int | None = None
         self.close_reason = ""
         self.cancel_scope = trio.CancelScope()
@@ -105,21 +140,53 @@ class Session:
         """Queue a frame without waiting. Close the session if it cannot keep up."""
         if self.close_code is not None:
             return
-        if self.outbox and self.outbox_bytes + len(frame) > self.outbox_max_bytes:
+        backlog = self.outbox_bytes + (self._raw.unsent_bytes if self._raw else 0)
+        if backlog and backlog + len(frame) > self.outbox_max_bytes:
             self.close(1008, "too slow: outbox full")
             return
         self.outbox.append(frame)
         self.outbox_bytes += len(frame)
-        self.outbox_ready.set()
+        if not self._flush_queued:
+            self._flush_queued = True
+            self._pending.append(self)
 
-    def take_outbox(self) -> list[bytes]:
-        """Everything queued, oldest first; the queue is empty afterwards."""
+    def _take_outbox(self) -> list[bytes]:
         frames = list(self.outbox)
         self.outbox.clear()
         self.outbox_bytes = 0
-        if self.outbox_ready.is_set():
-            self.outbox_ready = trio.Event()
         return frames
+
+    def flush_nowait(self) -> None:
+        """Write the queue now if the socket takes it; else leave it to the writer task."""
+        self._flush_queued = False
+        if not self.outbox:
+            return
+        if self._raw is None:
+            self._outbox_ready.set()
+            return
+        try:
+            if not self._raw.write_nowait(self._raw.frame_text(self._take_outbox())):
+                self._outbox_ready.set()
+        except ConnectionClosed:
+            self.close(1006, "")
+
+    async def run_writer(self) -> None:
+        """Send whatever :meth:`flush_nowait` could not, until cancelled or disconnected."""
+        try:
+            while True:
+                await self._outbox_ready.wait()
+                self._outbox_ready = trio.Event()
+                await self.drain()
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.close(1006, "")
+
+    async def drain(self) -> None:
+        """Send everything queued, waiting for the socket as long as it takes."""
+        if self._raw is not None:
+            await self._raw.write(self._raw.frame_text(self._take_outbox()))
+        else:
+            for frame in self._take_outbox():
+                await self.socket.send_message(frame.decode())
 
     def close(self, code: int, reason: str) -> None:
         """End the session with this close code (the first call wins)."""

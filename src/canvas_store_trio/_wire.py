@@ -16,6 +16,7 @@ import base64
 import collections
 import hashlib
 import logging
+import os
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -30,7 +31,7 @@ MAX_HEAD_SIZE = 16 * 1024
 """Bytes in an HTTP request head (request line and headers)."""
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a new connection has to send its request head."""
-RECEIVE_SIZE = 256 * 1024
+RECEIVE_SIZE = 64 * 1024
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _OP_CONTINUATION, _OP_TEXT, _OP_BINARY = 0x0, 0x1, 0x2
@@ -150,12 +151,60 @@ class WireSocket:
         self._fragment_opcode = 0
         self._fragment_size = 0
         self._send_lock = trio.Lock()
+        self._unsent = bytearray()
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self._pong = trio.Event()
         self._close_sent = False
         self.closed: CloseReason | None = None
 
+    @property
+    def unsent_bytes(self) -> int:
+        return len(self._unsent)
+
+    def frame_text(self, payloads: Sequence[bytes]) -> bytes:
+        """UTF-8 JSON payloads as text frames, ready to write."""
+        parts = []
+        for payload in payloads:
+            parts.append(_text_header(len(payload)))
+            parts.append(payload)
+        return b"".join(parts)
+
+    def write_nowait(self, data: bytes) -> bool:
+        """Write ``data`` now, as far as the kernel takes it; True if all of it went.
+
+        The rest is kept and goes first with the next :meth:`write`. Nothing is written
+        now while another write is under way, so bytes never interleave.
+        """
+        if self._close_sent or self.closed is not None:
+            raise ConnectionClosed(self.closed or CloseReason(1006, None))
+        if self._fd is None or self._unsent or self._send_lock.locked():
+            self._unsent += data
+            return False
+        try:
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._set_closed(1006, "connection lost")
+            raise ConnectionClosed(self.closed) from None
+        if sent < len(data):
+            self._unsent += data[sent:]
+            return False
+        return True
+
+    async def write(self, data: bytes) -> None:
+        """Write what :meth:`write_nowait` kept, then ``data``, waiting as needed."""
+        if self._close_sent or self.closed is not None:
+            raise ConnectionClosed(self.closed or CloseReason(1006, None))
+        await self._write(data)
+
     async def _write(self, data: bytes) -> None:
         async with self._send_lock:
+            if self._unsent:
+                data = bytes(self._unsent) + data
+                self._unsent.clear()
+            if not data:
+                return
             try:
                 await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -168,13 +217,7 @@ class WireSocket:
 
     async def send_text_frames(self, payloads: Sequence[bytes]) -> None:
         """Send UTF-8 JSON payloads as text frames, in one write."""
-        if self.closed is not None or self._close_sent:
-            raise ConnectionClosed(self.closed or CloseReason(1006, None))
-        parts = []
-        for payload in payloads:
-            parts.append(_text_header(len(payload)))
-            parts.append(payload)
-        await self._write(b"".join(parts))
+        await self.write(self.frame_text(payloads))
 
     async def send_message(self, message: str | bytes) -> None:
         """trio-websocket's API: a str goes as text, bytes as a binary frame."""
