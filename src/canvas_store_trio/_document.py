@@ -12,7 +12,7 @@ another thread, while the room keeps applying patches.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -132,6 +132,10 @@ class Document:
     state: dict[str, Record] = attrs.field(factory=dict)
     timestamps: dict[str, FieldTimestamps] = attrs.field(factory=dict)
     unsaved_keys: set[str] | None = attrs.field(default=None, repr=False)
+    _undo: dict[str, tuple[Record | None, FieldTimestamps | None]] | None = attrs.field(
+        default=None, init=False, repr=False
+    )
+    """While :meth:`snapshot_steps` runs: the value each key had when it started."""
     """Keys written since :meth:`take_changes` last ran, when tracked (None: not tracked).
     Only rooms on incremental storage track them."""
 
@@ -152,9 +156,16 @@ class Document:
         if not has_content(patches):
             return False
         self.timestamp = ts = self.timestamp + 1
-        state, timestamps, unsaved = self.state, self.timestamps, self.unsaved_keys
+        state, timestamps, unsaved, undo = (
+            self.state,
+            self.timestamps,
+            self.unsaved_keys,
+            self._undo,
+        )
         for patch in patches:
             for key, value in patch.items():
+                if undo is not None and key not in undo:
+                    undo[key] = (state.get(key), timestamps.get(key))
                 if not merge_entry(state, key, value):
                     continue
                 if unsaved is not None:
@@ -176,6 +187,9 @@ class Document:
             record = state.get(key)
             if record is None:
                 continue
+            if since <= 0 and field_ts.keys() == record.keys():
+                diff[key] = record  # every field is newer: the record itself (never mutated)
+                continue
             fields = {f: record.get(f) for f, ts in field_ts.items() if ts > since}
             if fields:
                 diff[key] = fields
@@ -184,6 +198,36 @@ class Document:
     def snapshot(self) -> Snapshot:
         """The persistent state now. Cheap: records are never edited in place."""
         return Snapshot(self.timestamp, dict(self.state), dict(self.timestamps))
+
+    def snapshot_steps(self, chunk_size: int = 2000) -> Generator[None, None, Snapshot]:
+        """Copy the persistent state ``chunk_size`` keys at a time, yielding in between.
+
+        The driver may let the document change between steps (a room keeps applying
+        frames while its saver copies): the result is still the state exactly as it was
+        when the generator started. Writes made meanwhile record the old value of each
+        key they touch first. One copy at a time.
+        """
+        assert self._undo is None, "one snapshot copy at a time"
+        timestamp, keys = self.timestamp, list(self.state)
+        undo: dict[str, tuple[Record | None, FieldTimestamps | None]] = {}
+        self._undo = undo
+        try:
+            state: dict[str, Record] = {}
+            timestamps: dict[str, FieldTimestamps] = {}
+            for start in range(0, len(keys), chunk_size):
+                for key in keys[start : start + chunk_size]:
+                    if key in undo:
+                        record, field_ts = undo[key]
+                    else:
+                        record, field_ts = self.state.get(key), self.timestamps.get(key)
+                    if record is not None:
+                        state[key] = record
+                    if field_ts is not None:
+                        timestamps[key] = field_ts
+                yield
+            return Snapshot(timestamp, state, timestamps)
+        finally:
+            self._undo = None
 
     def take_changes(self) -> Changes:
         """The keys written since the last call, as they stand now; then forget them."""
@@ -245,7 +289,28 @@ class EphemeralState:
 
 def encode_snapshot(snapshot: Snapshot) -> bytes:
     """The Node server's file format: ``{"timestamp", "state", "timestamps"}``."""
-    return orjson.dumps(snapshot_to_json(snapshot))
+    return b"".join(encode_snapshot_parts(snapshot))
+
+
+def encode_snapshot_parts(snapshot: Snapshot, chunk_size: int = 2000) -> Iterator[bytes]:
+    """:func:`encode_snapshot` in pieces of about ``chunk_size`` records each.
+
+    A caller on an event loop can yield between pieces, so a big document never holds
+    the loop for the whole encoding.
+    """
+    yield b'{"timestamp":%d,"state":{' % snapshot.timestamp
+    yield from _encode_members(snapshot.state, chunk_size)
+    yield b'},"timestamps":{'
+    yield from _encode_members(snapshot.timestamps, chunk_size)
+    yield b"}}"
+
+
+def _encode_members(mapping: Mapping[str, Any], chunk_size: int) -> Iterator[bytes]:
+    items = list(mapping.items())
+    for start in range(0, len(items), chunk_size):
+        if start:
+            yield b","
+        yield orjson.dumps(dict(items[start : start + chunk_size]))[1:-1]
 
 
 def decode_snapshot(data: bytes | str) -> Snapshot:

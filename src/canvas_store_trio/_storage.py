@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 import attrs
 import trio
 
-from ._document import Changes, Snapshot, SnapshotError, decode_snapshot, encode_snapshot
+from ._document import Changes, Snapshot, SnapshotError, decode_snapshot, encode_snapshot_parts
 
 __all__ = [
     "FileStorage",
@@ -141,20 +141,25 @@ class FileStorage:
             raise SnapshotError(f"{self.path} is not a valid snapshot ({exc})") from None
 
     async def save(self, snapshot: Snapshot) -> None:
+        """Encode on the event loop a piece at a time (so a big document never holds it
+        for long), then write, fsync and rename in a worker thread."""
         async with self._lock:
+            parts = []
+            for part in encode_snapshot_parts(snapshot):
+                parts.append(part)
+                await trio.sleep(0)
             try:
-                await trio.to_thread.run_sync(self._write, snapshot)
+                await trio.to_thread.run_sync(self._write, parts)
             except OSError as exc:
                 raise StorageError(f"cannot write {self.path}: {exc.strerror}") from None
 
-    def _write(self, snapshot: Snapshot) -> None:
-        data = encode_snapshot(snapshot)
+    def _write(self, parts: list[bytes]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         target = self.path
         tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                f.writelines(parts)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
