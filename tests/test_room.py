@@ -313,3 +313,23 @@ async def test_a_refused_token_closes_with_the_hooks_message(
     async with connect(manager, "roomId=r&clientId=a&token=old", authorize=authorize) as a:
         assert await a.closed() == (1008, "token expired")
     assert manager.room_ids() == []
+
+
+async def test_frames_sent_before_the_session_is_ready_are_kept_in_order(
+    autojump_clock: Any, manager: RoomManager, storage: RecordingStorage
+) -> None:
+    async def slow_authorize(info: AuthorizeInfo) -> AuthorizeResult:
+        await trio.sleep(5)
+        return AuthorizeResult("readwrite")
+
+    async with connect(manager, "roomId=early&clientId=a", authorize=slow_authorize) as a:
+        # Sent at once, while authorize runs and the room loads.
+        await a.send(type="reconnect", lastTimestamp=0, protocolVersion=2,
+                     documentPatches=[create("e/c", v=1)])
+        await a.send(type="patch", messageId="m1", documentPatches=[{"e/c": {"v": 2}}])
+        await a.send(type="patch", messageId="m2", documentPatches=[{"e/c": {"v": 3}}])
+        frames = await a.receive_until("ack", timeout=30)
+        frames += await a.receive_until("ack")
+    assert [f["type"] for f in frames] == ["clientCount", "patch", "synced", "ack", "ack"]
+    assert [f.get("messageId") for f in frames_of(frames, "ack")] == ["m1", "m2"]
+    assert frames_of(frames, "ack")[-1]["timestamp"] == 3
