@@ -171,7 +171,9 @@ class Document:
                 if unsaved is not None:
                     unsaved.add(key)
                 if value.get("_exists") is False:
-                    timestamps[key] = {"_exists": ts}
+                    # As the Node server does: every field the deleting patch names
+                    # gets the deletion's timestamp (the record keeps only _exists).
+                    timestamps[key] = dict.fromkeys(value, ts)
                 else:
                     field_ts = dict(timestamps.get(key, ()))
                     for field in value:
@@ -190,7 +192,7 @@ class Document:
             if since <= 0 and field_ts.keys() == record.keys():
                 diff[key] = record  # every field is newer: the record itself (never mutated)
                 continue
-            fields = {f: record.get(f) for f, ts in field_ts.items() if ts > since}
+            fields = {f: record[f] for f, ts in field_ts.items() if ts > since and f in record}
             if fields:
                 diff[key] = fields
         return diff

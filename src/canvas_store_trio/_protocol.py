@@ -18,7 +18,7 @@ from ._document import Patch
 
 PROTOCOL_VERSION: Final = 2
 
-MessageId = str | int
+MessageId = str | int | float
 
 
 def _limit(default: Any, help: str) -> Any:
@@ -74,6 +74,19 @@ class Limits:
     )
 
 
+def _as_int(value: object) -> int | None:
+    """An integer, also when written as an integral float (``2.0``); else None.
+
+    JavaScript has one number type, so a client may send either; booleans are not
+    numbers here.
+    """
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return None
+
+
 class ProtocolError(Exception):
     """A client frame that is refused whole. ``code`` is stable; ``message`` is for people."""
 
@@ -100,7 +113,7 @@ class ReconnectMessage:
 
     @property
     def version_matches(self) -> bool:
-        return self.protocol_version == PROTOCOL_VERSION and type(self.protocol_version) is int
+        return _as_int(self.protocol_version) == PROTOCOL_VERSION
 
 
 @attrs.frozen
@@ -111,9 +124,9 @@ class AuthRefreshMessage:
 ClientMessage = PatchMessage | ReconnectMessage | AuthRefreshMessage
 
 
-def _check_buffer_delta(field: str, delta: Mapping[str, Any], limits: Limits) -> None:
-    length = delta.get("len")
-    if type(length) is not int or not 0 <= length <= limits.max_buffer_length:
+def _check_buffer_delta(field: str, delta: dict[str, Any], limits: Limits) -> None:
+    length = _as_int(delta.get("len"))
+    if length is None or not 0 <= length <= limits.max_buffer_length:
         raise ProtocolError(
             "invalid-buffer-delta",
             f"buffer delta {field!r}: 'len' must be an integer from 0 to "
@@ -125,17 +138,15 @@ def _check_buffer_delta(field: str, delta: Mapping[str, Any], limits: Limits) ->
             "invalid-buffer-delta", f"buffer delta {field!r}: 'runs' must be a list"
         )
     total = 0
+    delta["len"] = length
     for run in runs:
-        if (
-            type(run) is not list
-            or len(run) != 2
-            or type(run[0]) is not int
-            or type(run[1]) is not list
-        ):
+        offset = _as_int(run[0]) if type(run) is list and len(run) == 2 else None
+        if offset is None or type(run[1]) is not list:
             raise ProtocolError(
                 "invalid-buffer-delta",
                 f"buffer delta {field!r}: each run must be [integer offset, [numbers...]]",
             )
+        run[0] = offset
         values = run[1]
         total += len(values)
         if total > limits.max_buffer_length:
@@ -177,9 +188,11 @@ def _check_patches(name: str, patches: object, limits: Limits, budget: int) -> i
 
 def _message_id(frame: Mapping[str, Any]) -> MessageId | None:
     message_id = frame.get("messageId")
-    if message_id is None or type(message_id) is str or type(message_id) is int:
-        return message_id
-    return None
+    return message_id if _is_message_id(message_id) else None
+
+
+def _is_message_id(value: object) -> bool:
+    return value is None or type(value) in (str, int, float)
 
 
 def parse_client_frame(data: str | bytes, limits: Limits) -> ClientMessage:
@@ -213,8 +226,8 @@ def parse_client_frame(data: str | bytes, limits: Limits) -> ClientMessage:
 
 def _parse_patch(frame: dict[str, Any], limits: Limits) -> PatchMessage:
     message_id = frame.get("messageId")
-    if not (message_id is None or type(message_id) is str or type(message_id) is int):
-        raise ProtocolError("invalid-frame", "'messageId' must be a string or an integer")
+    if not _is_message_id(message_id):
+        raise ProtocolError("invalid-frame", "'messageId' must be a string or a number")
     document, ephemeral = _parse_patch_lists(frame, limits)
     return PatchMessage(message_id, document, ephemeral)
 
@@ -222,11 +235,12 @@ def _parse_patch(frame: dict[str, Any], limits: Limits) -> PatchMessage:
 def _parse_reconnect(frame: dict[str, Any], limits: Limits) -> ReconnectMessage:
     version = frame.get("protocolVersion")
     last = frame.get("lastTimestamp")
-    if version != PROTOCOL_VERSION or type(version) is not int:
+    if _as_int(version) != PROTOCOL_VERSION:
         # A client of another protocol version may speak another frame format:
         # it is answered with version-mismatch, not judged by this one.
         return ReconnectMessage(0, version, (), ())
-    if type(last) is not int or last < 0:
+    last = _as_int(last)
+    if last is None or last < 0:
         raise ProtocolError("invalid-frame", "'lastTimestamp' must be a non-negative integer")
     document, ephemeral = _parse_patch_lists(frame, limits)
     return ReconnectMessage(last, version, document, ephemeral)
