@@ -1,11 +1,12 @@
-# One command each: `make serve` runs the server, `make test` runs every test.
+# One command each: `make serve` runs the server, `make test` runs every test,
+# `make demo` builds the demo page and serves it.
 # Both set up what they need first (a venv in .venv, and node/node_modules for tests).
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup serve test lint bench
+.PHONY: setup serve demo test lint
 
 $(BIN)/canvas-store-trio: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,10 @@ setup: $(BIN)/canvas-store-trio node/node_modules/.package-lock.json
 
 serve: $(BIN)/canvas-store-trio
 	$(BIN)/canvas-store-trio serve
+
+demo: setup
+	node demo/build.mjs
+	$(BIN)/canvas-store-trio serve --demo
 
 test: setup
 	$(BIN)/python -m pytest

@@ -1,4 +1,4 @@
-"""``canvas-store-trio serve``: the ready-made server on trio-websocket."""
+"""``canvas-store-trio serve``: the ready-made server."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ import attrs
 import trio
 
 from ._connection import Authorize, HandshakeRequest, serve_connection
+from ._demo_http import DemoNotBuiltError, demo_http_handler, page_url
 from ._listener import TRANSPORTS, serve_websockets
 from ._manager import RoomManager
 from ._protocol import Limits
 from ._storage import FileStorage, MemoryStorage, Storage
+from ._wire import HttpHandler, default_http_handler
 
 logger = logging.getLogger("canvas_store_trio")
 
@@ -73,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--authorize",
         metavar="MODULE:FUNCTION",
         help="hook that checks each token; without it every session is readwrite",
+    )
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="also serve a demo page (a shared sticky-note board) at http://HOST:PORT/",
     )
     serve.add_argument(
         "--transport",
@@ -142,6 +149,14 @@ async def serve(
     """Run until SIGINT or SIGTERM, then close every session, flush every room, return."""
     authorize = load_authorize(args.authorize) if args.authorize else None
     limits = limits_from(args)
+    http_handler: HttpHandler = default_http_handler
+    if args.demo:
+        if args.transport != "wire":
+            raise SystemExit("--demo: the page is served by the wire transport only")
+        try:
+            http_handler = demo_http_handler()
+        except DemoNotBuiltError as exc:
+            raise SystemExit(f"--demo: {exc}") from None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with (
             RoomManager(
@@ -164,6 +179,7 @@ async def serve(
                     args.port,
                     max_message_size=limits.max_message_size,
                     transport=args.transport,
+                    http_handler=http_handler,
                 )
             )
             port = listeners[0].socket.getsockname()[1]
@@ -175,6 +191,8 @@ async def serve(
                 where,
                 url,
             )
+            if args.demo:
+                logger.info("Demo page: %s (open it in two windows)", page_url(listeners[0]))
             task_status.started(port)
             async for signum in signals:
                 logger.info("%s: closing sessions and saving rooms", signal.Signals(signum).name)

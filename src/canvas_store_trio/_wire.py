@@ -404,18 +404,37 @@ class WireRequest:
                           buffered=self._buffered)
 
 
+class _HeadTooLarge(Exception):
+    pass
+
+
 async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, bytes] | None:
+    """The request head and the bytes after it; None if the peer hangs up first."""
     buffer = bytearray()
     while True:
         end = buffer.find(b"\r\n\r\n")
+        if end > MAX_HEAD_SIZE or (end < 0 and len(buffer) > MAX_HEAD_SIZE):
+            raise _HeadTooLarge
         if end >= 0:
             return bytes(buffer[:end]), bytes(buffer[end + 4 :])
-        if len(buffer) > MAX_HEAD_SIZE:
-            return None
         data = await stream.receive_some(MAX_HEAD_SIZE)
         if not data:
             return None
         buffer += data
+
+
+async def _answer(stream: trio.abc.Stream, response: bytes) -> None:
+    """Send a plain HTTP response, then let the client hang up first (briefly).
+
+    Closing a socket with unread request bytes resets it, which can cut the response
+    short on the client's side; a half-close and a short wait avoid that.
+    """
+    await stream.send_all(response)
+    if isinstance(stream, trio.abc.HalfCloseableStream):
+        await stream.send_eof()
+        with trio.move_on_after(2.0):
+            while await stream.receive_some(MAX_HEAD_SIZE):
+                pass
 
 
 async def serve_wire_stream(
@@ -430,25 +449,33 @@ async def serve_wire_stream(
     Never raises except Cancelled; the stream is closed when this returns.
     """
     try:
+        read = None
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
-            read = await _read_head(stream)
-        if read is None or (request := _parse_head(read[0])) is None:
-            await stream.send_all(_http_response(400, "text/plain", b"bad request"))
+            try:
+                read = await _read_head(stream)
+            except _HeadTooLarge:
+                await _answer(stream, _http_response(431, "text/plain", b"head too large"))
+                return
+        if read is None:
+            return  # hung up, or sent no head in time
+        request = _parse_head(read[0])
+        if request is None:
+            await _answer(stream, _http_response(400, "text/plain", b"bad request"))
             return
         rest = read[1]
         if isinstance(stream, trio.SocketStream):
             request = attrs.evolve(request, remote=stream.socket.getpeername())
         if not request.is_websocket:
             if request.method not in ("GET", "HEAD"):
-                await stream.send_all(_http_response(405, "text/plain", b"GET only"))
+                await _answer(stream, _http_response(405, "text/plain", b"GET only"))
                 return
             status, content_type, body = http_handler(request)
-            await stream.send_all(_http_response(status, content_type, body,
-                                                 head_only=request.method == "HEAD"))
+            head_only = request.method == "HEAD"
+            await _answer(stream, _http_response(status, content_type, body, head_only))
             return
         if request.headers.get("sec-websocket-version") != "13" or \
                 not request.headers.get("sec-websocket-key"):
-            await stream.send_all(_http_response(426, "text/plain", b"WebSocket version 13"))
+            await _answer(stream, _http_response(426, "text/plain", b"WebSocket version 13"))
             return
         await handler(WireRequest(stream, request, rest, max_message_size))
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
