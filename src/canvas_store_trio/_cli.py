@@ -15,12 +15,15 @@ from pathlib import Path
 import attrs
 import trio
 
+from ._backends import FileBackend, MemoryBackend, StorageBackend, open_storage_backend
 from ._connection import Authorize, HandshakeRequest, serve_connection
 from ._demo_http import DemoNotBuiltError, demo_http_handler, page_url
+from ._document import SnapshotError
 from ._listener import TRANSPORTS, serve_websockets
 from ._manager import RoomManager
 from ._protocol import Limits
-from ._storage import FileStorage, MemoryStorage, Storage
+from ._storage import StorageError
+from ._transfer import TransferError, add_transfer_commands, run_transfer_command
 from ._wire import HttpHandler, default_http_handler
 
 logger = logging.getLogger("canvas_store_trio")
@@ -51,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path("data"),
         help="folder of room files, in the Node server's format (./data)",
+    )
+    store.add_argument(
+        "--storage",
+        metavar="URL",
+        help="rooms in a database: sqlite:///rooms.db or postgresql://user@host/db",
     )
     store.add_argument(
         "--memory",
@@ -98,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="N" if annotation == "int" else "X",
             help=f"{field.metadata['help']} ({default})",
         )
+    add_transfer_commands(commands)
     return parser
 
 
@@ -135,12 +144,13 @@ def load_authorize(spec: str) -> Authorize:
     return function  # type: ignore[no-any-return]
 
 
-def storage_factory(args: argparse.Namespace) -> Callable[[str], Storage]:
+def open_backend(args: argparse.Namespace) -> StorageBackend:
+    """Where ``serve`` keeps rooms: ``--storage URL``, ``--memory``, or ``--data-dir``."""
+    if args.storage:
+        return open_storage_backend(args.storage)
     if args.memory:
-        rooms: dict[str, MemoryStorage] = {}
-        return lambda room_id: rooms.setdefault(room_id, MemoryStorage())
-    data_dir: Path = args.data_dir
-    return lambda room_id: FileStorage(dir=data_dir, room_id=room_id)
+        return MemoryBackend()
+    return FileBackend(args.data_dir)
 
 
 async def serve(
@@ -159,10 +169,11 @@ async def serve(
             raise SystemExit(f"--demo: {exc}") from None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with (
+            open_backend(args) as backend,
             RoomManager(
                 idle_timeout=args.idle_timeout,
                 save_throttle=args.save_throttle,
-                create_storage=storage_factory(args),
+                create_storage=backend.create_storage,
                 limits=limits,
             ) as manager,
             trio.open_nursery() as nursery,
@@ -184,9 +195,9 @@ async def serve(
             )
             port = listeners[0].socket.getsockname()[1]
             url = f"ws://{args.host}:{port}"
-            where = "in memory" if args.memory else f"in {args.data_dir}"
+            where = str(backend)
             logger.info(
-                "Listening on %s (rooms kept %s). Connect with %s/?roomId=ROOM&clientId=CLIENT",
+                "Listening on %s (rooms in %s). Connect with %s/?roomId=ROOM&clientId=CLIENT",
                 url,
                 where,
                 url,
@@ -210,4 +221,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
     )
     if args.command == "serve":
-        trio.run(serve, args)
+        try:
+            trio.run(serve, args)
+        except ValueError as exc:  # a storage URL that names nothing
+            raise SystemExit(f"canvas-store-trio serve: {exc}") from None
+    else:
+        try:
+            logger.info("%s", trio.run(run_transfer_command, args))
+        except (TransferError, StorageError, SnapshotError, ValueError) as exc:
+            raise SystemExit(f"canvas-store-trio {args.command}: {exc}") from None

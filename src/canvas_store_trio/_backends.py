@@ -1,0 +1,164 @@
+"""Storage backends: where many rooms live, and how to name one with a URL.
+
+A backend makes the :class:`~canvas_store_trio.Storage` for each room
+(``create_storage(room_id)``, the shape a room's ``create_storage`` option takes),
+lists the rooms it holds, and is closed once at the end. Every backend is an async
+context manager::
+
+    async with open_storage_backend("sqlite:///rooms.db") as backend:
+        storage = backend.create_storage("my-room")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+from urllib.parse import unquote, urlsplit
+
+import attrs
+import trio
+
+from ._storage import FileStorage, MemoryStorage, Storage, room_file_name, room_id_from_file_name
+
+__all__ = [
+    "FileBackend",
+    "MemoryBackend",
+    "StorageBackend",
+    "open_storage_backend",
+]
+
+
+@runtime_checkable
+class StorageBackend(Protocol):
+    """Makes the storage for each room of one place (a folder, a database)."""
+
+    def create_storage(self, room_id: str) -> Storage:
+        """The storage for one room. Cheap: nothing is read until ``load()``."""
+        ...
+
+    async def list_room_ids(self) -> list[str]:
+        """The ids of every room saved here, sorted."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and files. Safe to call twice."""
+        ...
+
+    async def __aenter__(self) -> StorageBackend: ...
+
+    async def __aexit__(self, *exc_info: object) -> None: ...
+
+
+@attrs.define(eq=False)
+class FileBackend:
+    """A folder of ``<room>.json`` snapshot files (:class:`FileStorage`), as the Node
+    server keeps them."""
+
+    dir: Path = attrs.field(converter=Path)
+
+    def create_storage(self, room_id: str) -> FileStorage:
+        return FileStorage(self.dir, room_id)
+
+    async def list_room_ids(self) -> list[str]:
+        """Rooms whose file is where :class:`FileStorage` would look for it.
+
+        Temp files of a save in progress and other files are left out.
+        """
+
+        def scan() -> list[str]:
+            try:
+                names = os.listdir(self.dir)
+            except FileNotFoundError:
+                return []
+            ids = []
+            for name in names:
+                room_id = room_id_from_file_name(name)
+                if room_id is not None and room_file_name(room_id) == name:
+                    ids.append(room_id)
+            return sorted(ids)
+
+        return await trio.to_thread.run_sync(scan)
+
+    async def aclose(self) -> None:
+        pass
+
+    async def __aenter__(self) -> FileBackend:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __str__(self) -> str:
+        return f"folder {self.dir}"
+
+
+@attrs.define(eq=False)
+class MemoryBackend:
+    """Rooms in memory, for tests and ``serve --memory``: a room that closes and opens
+    again finds its snapshot, until the process ends."""
+
+    storages: dict[str, MemoryStorage] = attrs.field(factory=dict)
+
+    def create_storage(self, room_id: str) -> MemoryStorage:
+        return self.storages.setdefault(room_id, MemoryStorage())
+
+    async def list_room_ids(self) -> list[str]:
+        return sorted(k for k, s in self.storages.items() if s.snapshot is not None)
+
+    async def aclose(self) -> None:
+        pass
+
+    async def __aenter__(self) -> MemoryBackend:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __str__(self) -> str:
+        return "memory"
+
+
+def open_storage_backend(url: str) -> StorageBackend:
+    """The backend a storage URL names. Nothing is opened until first use.
+
+    - ``sqlite:///rooms.db`` (a path relative to the working folder),
+      ``sqlite:////var/lib/rooms.db`` (absolute), ``sqlite:///:memory:``
+    - ``postgresql://user:password@host:5432/dbname`` (or ``postgres://``); any libpq
+      parameter may follow as a query (``?sslmode=require``)
+    - ``file:///var/lib/rooms`` or ``file:rooms`` (a folder of JSON files), ``memory:``
+    - a plain path, which means a folder of JSON files
+
+    Raise :class:`ValueError` for a URL that names none of these, and
+    :class:`~canvas_store_trio.StorageError` when the PostgreSQL driver is missing.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "sqlite":
+        if parts.netloc:
+            raise ValueError(
+                f"{url!r}: a SQLite URL has no host; write sqlite:///relative/path.db "
+                "or sqlite:////absolute/path.db"
+            )
+        path = unquote(parts.path)
+        if not path.startswith("/") or path == "/":
+            raise ValueError(f"{url!r}: write sqlite:///relative/path.db or sqlite:////abs.db")
+        from ._sqlite import SQLiteDatabase
+
+        return SQLiteDatabase(path[1:])
+    if scheme in ("postgresql", "postgres"):
+        from ._postgres import PostgresDatabase
+
+        return PostgresDatabase(url)
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"{url!r}: a file URL names a folder on this machine")
+        return FileBackend(unquote(parts.path) or ".")
+    if scheme == "memory":
+        return MemoryBackend()
+    if scheme == "" or (len(scheme) == 1 and os.name == "nt"):  # a path (C:\ on Windows)
+        return FileBackend(url)
+    raise ValueError(
+        f"unknown storage URL {url!r}: use sqlite:///FILE.db, postgresql://..., "
+        "file:///DIR or a folder path"
+    )

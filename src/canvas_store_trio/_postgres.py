@@ -1,0 +1,340 @@
+"""Rooms in a PostgreSQL database: :class:`PostgresDatabase` and :class:`PostgresStorage`.
+
+Built on psycopg 3 and a ``psycopg_pool.ConnectionPool``, used from worker threads
+through ``trio.to_thread`` (psycopg's async side speaks asyncio only). Install with
+``pip install 'canvas-store-trio[postgres]'``; psycopg is imported when a
+:class:`PostgresDatabase` is made, not when ``canvas_store_trio`` is.
+
+PostgreSQL text cannot hold a NUL character. Room ids and keys that contain one (or
+that start with ``\\x01``, the escape mark) are stored as ``\\x01`` plus the hex of their
+UTF-8, and turned back on the way out, so every id a client can send stays storable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
+import trio
+
+from ._document import Changes, Snapshot
+from ._sql import (
+    MIGRATIONS_TABLE,
+    RECORDS_TABLE,
+    ROOMS_TABLE,
+    dump_json,
+    pending_migrations,
+    snapshot_from_rows,
+    snapshot_rows,
+)
+from ._storage import StorageError
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg.rows import TupleRow
+    from psycopg_pool import ConnectionPool
+
+    Connection = psycopg.Connection[TupleRow]
+
+__all__ = ["PostgresDatabase", "PostgresStorage"]
+
+T = TypeVar("T")
+
+_UPSERT_ROOM = (
+    f"INSERT INTO {ROOMS_TABLE} (id, timestamp, updated_at) VALUES (%s, %s, now()) "
+    "ON CONFLICT (id) DO UPDATE SET timestamp = excluded.timestamp, "
+    "updated_at = excluded.updated_at"
+)
+_UPSERT_RECORD = (
+    f"INSERT INTO {RECORDS_TABLE} (room, key, record, timestamps) VALUES (%s, %s, %s, %s) "
+    "ON CONFLICT (room, key) DO UPDATE SET record = excluded.record, "
+    "timestamps = excluded.timestamps"
+)
+_ESCAPE = "\x01"
+
+
+def _to_pg(text: str) -> str:
+    """``text`` in a form PostgreSQL can store (no NUL), reversibly."""
+    if "\x00" in text or text.startswith(_ESCAPE):
+        return _ESCAPE + text.encode().hex()
+    return text
+
+
+def _from_pg(text: str) -> str:
+    if text.startswith(_ESCAPE):
+        return bytes.fromhex(text[1:]).decode()
+    return text
+
+
+def _commit(conn: Connection) -> None:
+    """Commit the open transaction. (A module function, so a crash test can replace it.)"""
+    conn.commit()
+
+
+def _describe(exc: BaseException) -> str:
+    """One line out of a psycopg error, which often spans several."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _import_psycopg() -> None:
+    try:
+        import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError as exc:
+        raise StorageError(
+            f"PostgreSQL storage needs psycopg 3 and psycopg_pool ({exc}); "
+            "install them with: pip install 'canvas-store-trio[postgres]'"
+        ) from None
+
+
+@attrs.define(eq=False)
+class PostgresDatabase:
+    """A PostgreSQL database holding any number of rooms.
+
+    ``conninfo`` is a libpq connection string or URL
+    (``postgresql://user:password@host:5432/dbname``); tables are created in the first
+    schema of the ``search_path``, which ``?options=-csearch_path%3Dmyschema`` sets.
+    Nothing connects yet: the first operation connects once directly (so a database that
+    is down gives its real error at once), applies the schema migrations, then opens a
+    pool of ``min_size`` to ``max_size`` connections. :meth:`create_storage` gives the
+    storage for one room. Call :meth:`aclose` (or use ``async with``) at the end.
+
+    An operation waits at most ``timeout`` seconds for a pooled connection (the pool
+    reconnects in the background after the server went away), then raises
+    :class:`StorageError`; so does a query that fails. Worker threads are never
+    abandoned: a cancelled caller waits until its transaction has committed or rolled
+    back.
+    """
+
+    conninfo: str
+    min_size: int = 1
+    max_size: int = 4
+    timeout: float = 10.0
+    connect_timeout: float = 5.0
+    application_name: str = "canvas-store-trio"
+    _pool: ConnectionPool[Connection] | None = attrs.field(
+        default=None, init=False, repr=False
+    )
+    _setup_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False, repr=False)
+    _limiter: trio.CapacityLimiter = attrs.field(init=False, repr=False)
+    _closed: bool = attrs.field(default=False, init=False, repr=False)
+
+    @_limiter.default
+    def _default_limiter(self) -> trio.CapacityLimiter:
+        return trio.CapacityLimiter(self.max_size)
+
+    def __attrs_post_init__(self) -> None:
+        _import_psycopg()
+
+    def create_storage(self, room_id: str) -> PostgresStorage:
+        """The storage for one room in this database."""
+        return PostgresStorage(self, room_id)
+
+    async def list_room_ids(self) -> list[str]:
+        """Every room saved in this database, sorted."""
+
+        def query(conn: Connection) -> list[str]:
+            rows = conn.execute(f"SELECT id FROM {ROOMS_TABLE}").fetchall()
+            return sorted(_from_pg(row[0]) for row in rows)
+
+        return await self._run(query, "cannot list rooms")
+
+    async def aclose(self) -> None:
+        """Close the pool. Safe to call twice."""
+        self._closed = True
+        async with self._setup_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            await trio.to_thread.run_sync(pool.close)
+
+    async def __aenter__(self) -> PostgresDatabase:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __str__(self) -> str:
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            params = conninfo_to_dict(self.conninfo)
+        except Exception:
+            return "PostgreSQL database (invalid connection string)"
+        host = params.get("host") or "local socket"
+        port = params.get("port")
+        dbname = params.get("dbname") or params.get("user") or ""
+        return f"PostgreSQL database {host}{f':{port}' if port else ''}/{dbname}"
+
+    # --- worker-thread side -----------------------------------------------------
+
+    async def _run(self, fn: Callable[[Connection], T], what: str) -> T:
+        if self._closed:
+            raise StorageError(f"{self}: {what}: the database is closed")
+        pool = self._pool
+        if pool is None:
+            async with self._setup_lock:
+                if self._closed:
+                    raise StorageError(f"{self}: {what}: the database is closed")
+                if self._pool is None:
+                    self._pool = await trio.to_thread.run_sync(self._setup)
+                pool = self._pool
+        return await trio.to_thread.run_sync(self._call, pool, fn, what, limiter=self._limiter)
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        from psycopg.conninfo import conninfo_to_dict
+
+        given = conninfo_to_dict(self.conninfo)
+        kwargs: dict[str, Any] = {}
+        if "connect_timeout" not in given:
+            kwargs["connect_timeout"] = max(2, math.ceil(self.connect_timeout))
+        if "application_name" not in given:
+            kwargs["application_name"] = self.application_name
+        return kwargs
+
+    def _setup(self) -> ConnectionPool[Connection]:
+        """Connect once, migrate, and open the pool (in a worker thread)."""
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        try:
+            with psycopg.connect(self.conninfo, **self._connect_kwargs()) as conn:
+                self._migrate(conn)
+        except psycopg.Error as exc:
+            raise StorageError(f"cannot use {self}: {_describe(exc)}") from None
+        pool: ConnectionPool[Connection] = ConnectionPool(
+            self.conninfo,
+            kwargs=self._connect_kwargs(),
+            min_size=self.min_size,
+            max_size=self.max_size,
+            timeout=self.timeout,
+            check=ConnectionPool.check_connection,
+            name="canvas-store-trio",
+            open=False,
+        )
+        pool.open(wait=False)
+        return pool
+
+    def _migrate(self, conn: Connection) -> None:
+        # One migrator at a time per schema, even across processes.
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(current_schema() || %s))",
+            ("." + MIGRATIONS_TABLE,),
+        )
+        conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} ("
+            "version INTEGER NOT NULL PRIMARY KEY, description TEXT NOT NULL, "
+            "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        row = conn.execute(f"SELECT coalesce(max(version), 0) FROM {MIGRATIONS_TABLE}").fetchone()
+        assert row is not None
+        for migration in pending_migrations(row[0], str(self)):
+            for statement in migration.postgres:
+                conn.execute(statement)
+            conn.execute(
+                f"INSERT INTO {MIGRATIONS_TABLE} (version, description) VALUES (%s, %s)",
+                (migration.version, migration.description),
+            )
+        conn.commit()
+
+    def _call(
+        self, pool: ConnectionPool[Connection], fn: Callable[[Connection], T], what: str
+    ) -> T:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            # On leaving the block the pool commits, or rolls back after an error, and
+            # replaces a connection that broke.
+            with pool.connection() as conn:
+                return fn(conn)
+        except PoolTimeout:
+            raise StorageError(f"{self}: {what}: {self._diagnose()}") from None
+        except (psycopg.Error, UnicodeError) as exc:
+            raise StorageError(f"{self}: {what}: {_describe(exc)}") from None
+
+    def _diagnose(self) -> str:
+        """Why no pooled connection came: try a direct one for the server's own words."""
+        import psycopg
+
+        try:
+            psycopg.connect(self.conninfo, **self._connect_kwargs()).close()
+        except psycopg.Error as exc:
+            return f"cannot connect: {_describe(exc)}"
+        return (
+            f"no connection was free within {self.timeout:g} s "
+            f"(all {self.max_size} in use, or the server is recovering)"
+        )
+
+
+@attrs.define(eq=False)
+class PostgresStorage:
+    """One room's snapshot in a :class:`PostgresDatabase`; an incremental storage.
+
+    :meth:`save` replaces the room's rows (``DELETE`` then ``COPY``); :meth:`save_changes`
+    upserts only the keys that changed and the room timestamp. Either is one
+    transaction, so a reader never sees half a save.
+    """
+
+    database: PostgresDatabase
+    room_id: str
+
+    async def load(self) -> Snapshot | None:
+        room_id = self.room_id
+        where = f"room {room_id!r} in {self.database}"
+
+        def load(conn: Connection) -> Snapshot | None:
+            # Both queries read the same committed state.
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            pg_id = _to_pg(room_id)
+            row = conn.execute(
+                f"SELECT timestamp FROM {ROOMS_TABLE} WHERE id = %s", (pg_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            rows: list[tuple[str, str | None, str | None]] = conn.execute(
+                f"SELECT key, record::text, timestamps::text FROM {RECORDS_TABLE} "
+                "WHERE room = %s ORDER BY key",
+                (pg_id,),
+            ).fetchall()
+            return snapshot_from_rows(
+                row[0], ((_from_pg(k), r, t) for k, r, t in rows), where
+            )
+
+        return await self.database._run(load, f"cannot load room {room_id!r}")
+
+    async def save(self, snapshot: Snapshot) -> None:
+        room_id = self.room_id
+
+        def save(conn: Connection) -> None:
+            rows = snapshot_rows(snapshot)
+            pg_id = _to_pg(room_id)
+            conn.execute(_UPSERT_ROOM, (pg_id, snapshot.timestamp))
+            conn.execute(f"DELETE FROM {RECORDS_TABLE} WHERE room = %s", (pg_id,))
+            with conn.cursor() as cur, cur.copy(
+                f"COPY {RECORDS_TABLE} (room, key, record, timestamps) FROM STDIN"
+            ) as copy:
+                for key, record, field_ts in rows:
+                    copy.write_row((pg_id, _to_pg(key), record, field_ts))
+            _commit(conn)
+
+        await self.database._run(save, f"cannot save room {room_id!r}")
+
+    async def save_changes(self, changes: Changes) -> None:
+        room_id = self.room_id
+
+        def save_changes(conn: Connection) -> None:
+            pg_id = _to_pg(room_id)
+            rows = [
+                (pg_id, _to_pg(key), dump_json(change.record), dump_json(change.timestamps))
+                for key, change in changes.records.items()
+            ]
+            # One round trip for BEGIN, the upserts and COMMIT, not one for each.
+            with conn.pipeline(), conn.cursor() as cur:
+                cur.execute(_UPSERT_ROOM, (pg_id, changes.timestamp))
+                if rows:
+                    cur.executemany(_UPSERT_RECORD, rows)
+                _commit(conn)
+
+        await self.database._run(save_changes, f"cannot save room {room_id!r}")

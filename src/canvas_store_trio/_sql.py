@@ -1,0 +1,148 @@
+"""What the SQL backends share: the schema, its versioned migrations, row encoding.
+
+Both SQLite (:mod:`._sqlite`) and PostgreSQL (:mod:`._postgres`) keep rooms in the
+same two tables:
+
+``canvas_store_rooms``
+    one row per room: ``id``, the room ``timestamp`` and ``updated_at``.
+``canvas_store_records``
+    one row per key: ``room``, ``key``, ``record`` (the record as JSON) and
+    ``timestamps`` (its field timestamps as JSON), primary key ``(room, key)``.
+    Tombstones are rows like any other (``{"_exists": false}``).
+
+``canvas_store_schema_migrations`` lists the migrations applied to a database, one row
+per version. A backend applies the missing ones, in one transaction, the first time it
+is used, and refuses a database whose version is newer than the release it runs.
+To change the schema later, append a :class:`Migration` to :data:`MIGRATIONS`; never
+edit one that has shipped.
+
+Room ids and keys only ever travel as bound parameters; the table names above are the
+only identifiers in the SQL text, and they are constants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+import orjson
+
+from ._document import Snapshot, SnapshotError, snapshot_from_json
+from ._storage import StorageError
+
+ROOMS_TABLE = "canvas_store_rooms"
+RECORDS_TABLE = "canvas_store_records"
+MIGRATIONS_TABLE = "canvas_store_schema_migrations"
+
+
+@attrs.frozen
+class Migration:
+    """One schema step, spelled once per dialect."""
+
+    version: int
+    description: str
+    sqlite: tuple[str, ...]
+    postgres: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        version=1,
+        description="rooms and records",
+        sqlite=(
+            f"""CREATE TABLE {ROOMS_TABLE} (
+                id TEXT NOT NULL PRIMARY KEY,
+                timestamp INTEGER NOT NULL,
+                updated_at TEXT NOT NULL
+            )""",
+            f"""CREATE TABLE {RECORDS_TABLE} (
+                room TEXT NOT NULL REFERENCES {ROOMS_TABLE} (id) ON DELETE CASCADE,
+                key TEXT NOT NULL,
+                record TEXT,
+                timestamps TEXT,
+                PRIMARY KEY (room, key)
+            )""",
+        ),
+        postgres=(
+            f"""CREATE TABLE {ROOMS_TABLE} (
+                id TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+                timestamp BIGINT NOT NULL,
+                updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+            )""",
+            f"""CREATE TABLE {RECORDS_TABLE} (
+                room TEXT COLLATE "C" NOT NULL
+                    REFERENCES {ROOMS_TABLE} (id) ON DELETE CASCADE,
+                key TEXT COLLATE "C" NOT NULL,
+                record JSON,
+                timestamps JSON,
+                PRIMARY KEY (room, key)
+            )""",
+        ),
+    ),
+)
+"""Every schema step, oldest first. Append only."""
+
+SCHEMA_VERSION = MIGRATIONS[-1].version
+"""The schema version this release writes."""
+
+
+def pending_migrations(current: int, where: str) -> list[Migration]:
+    """The migrations a database at version ``current`` still needs.
+
+    Raise :class:`StorageError` when the database is newer than this release: writing
+    to it with an older schema in mind could lose data.
+    """
+    if current > SCHEMA_VERSION:
+        raise StorageError(
+            f"{where} has canvas-store schema version {current}, but this release of "
+            f"canvas-store-trio only knows versions up to {SCHEMA_VERSION}; upgrade it"
+        )
+    return [m for m in MIGRATIONS if m.version > current]
+
+
+def dump_json(value: object) -> str:
+    """JSON text for a record or field-timestamp map (compact, as the Node server writes)."""
+    return orjson.dumps(value).decode()
+
+
+def snapshot_from_rows(
+    timestamp: int,
+    rows: Iterable[tuple[str, str | bytes | None, str | bytes | None]],
+    where: str,
+) -> Snapshot:
+    """Rebuild a snapshot from the room timestamp and its ``(key, record, timestamps)`` rows.
+
+    A NULL ``record`` or ``timestamps`` means the key had none in the snapshot that was
+    saved (a full save keeps a snapshot exactly as it was). Raise :class:`SnapshotError`
+    if a row does not hold what a snapshot needs: the room must not start from it.
+    """
+    state: dict[str, Any] = {}
+    timestamps: dict[str, Any] = {}
+    for key, record, field_ts in rows:
+        try:
+            if record is not None:
+                state[key] = orjson.loads(record)
+            if field_ts is not None:
+                timestamps[key] = orjson.loads(field_ts)
+        except orjson.JSONDecodeError as exc:
+            raise SnapshotError(f"{where}: key {key!r} is not valid JSON ({exc})") from None
+    try:
+        return snapshot_from_json(
+            {"timestamp": timestamp, "state": state, "timestamps": timestamps}
+        )
+    except SnapshotError as exc:
+        raise SnapshotError(f"{where} is not a valid snapshot ({exc})") from None
+
+
+def snapshot_rows(snapshot: Snapshot) -> list[tuple[str, str | None, str | None]]:
+    """A snapshot as ``(key, record JSON, timestamps JSON)`` rows, for a full save."""
+    state, timestamps = snapshot.state, snapshot.timestamps
+    rows: list[tuple[str, str | None, str | None]] = []
+    for key, record in state.items():
+        field_ts = timestamps.get(key)
+        rows.append((key, dump_json(record), None if field_ts is None else dump_json(field_ts)))
+    for key, field_ts in timestamps.items():
+        if key not in state:
+            rows.append((key, None, dump_json(field_ts)))
+    return rows

@@ -1,0 +1,135 @@
+"""Helpers for storage tests: a PostgreSQL schema of our own, documents to save.
+
+PostgreSQL tests use ``$CANVAS_STORE_TEST_POSTGRES`` (default
+``postgresql://postgres@127.0.0.1:5432/postgres``). Each test gets a fresh schema,
+named after the process and a random suffix and dropped afterwards, so parallel runs
+and leftovers of killed runs never meet. Without a reachable server the tests fail
+when ``$CI`` is set and are skipped, with the reason, elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from canvas_store_trio import Document, IncrementalStorage, Storage
+
+POSTGRES_ENV = "CANVAS_STORE_TEST_POSTGRES"
+DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def postgres_url() -> str:
+    return os.environ.get(POSTGRES_ENV) or DEFAULT_POSTGRES
+
+
+@functools.cache
+def _postgres_problem(url: str) -> str | None:
+    try:
+        import psycopg
+        import psycopg_pool  # noqa: F401
+    except ImportError as exc:
+        return f"psycopg is not installed ({exc}); pip install -e '.[postgres]'"
+    try:
+        psycopg.connect(url, connect_timeout=3).close()
+    except psycopg.Error as exc:
+        return " ".join(str(exc).split())
+    return None
+
+
+def require_postgres() -> str:
+    """The test server's URL; fail (under CI) or skip when it cannot be reached."""
+    url = postgres_url()
+    problem = _postgres_problem(url)
+    if problem:
+        message = f"PostgreSQL at {url} is not usable: {problem} (set ${POSTGRES_ENV})"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}; CI must start PostgreSQL", pytrace=False)
+        pytest.skip(message)
+    return url
+
+
+@contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A fresh schema for one test; yield a conninfo whose search_path is that schema."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    url = require_postgres()
+    name = f"cst_test_{os.getpid()}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    try:
+        yield make_conninfo(url, options=f"-csearch_path={name}", application_name=name)
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            # Connections a test left behind (a killed child's) must not block the drop.
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (name,),
+            )
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+
+
+async def save_like_a_room(storage: Storage, document: Document) -> None:
+    """Save as a room does: only the changes on an incremental storage, else everything."""
+    if isinstance(storage, IncrementalStorage):
+        await storage.save_changes(document.take_changes())
+    else:
+        await storage.save(document.snapshot())
+
+
+def new_document() -> Document:
+    return Document(unsaved_keys=set())
+
+
+ODD_VALUES: list[Any] = [
+    0,
+    -1,
+    2**53 + 1,
+    -(2**63),
+    2**64 - 1,
+    0.1,
+    1.5e300,
+    -2.5e-300,
+    "",
+    "héllo ✓ 🎨",
+    "nul\x00in\x00a string",
+    "quotes ' \" and \\ backslash",
+    "\u2028\u2029 line separators",
+    None,
+    True,
+    False,
+    [],
+    {},
+    [1, [2, [3, {"deep": [None]}]]],
+    {"nested": {"a": [1, 2.5, "x"], "b": None}},
+]
+
+
+def random_patch(rng: random.Random, keys: list[str]) -> dict[str, Any]:
+    """One patch of creates, updates, buffer deltas and deletions."""
+    patch: dict[str, Any] = {}
+    for _ in range(rng.randint(1, 4)):
+        key = rng.choice(keys)
+        roll = rng.random()
+        if roll < 0.15:
+            patch[key] = {"_exists": False}
+        elif roll < 0.45:
+            patch[key] = {"_exists": True, "v": rng.choice(ODD_VALUES), "n": rng.random()}
+        elif roll < 0.6:
+            length = rng.randint(0, 6)
+            patch[key] = {
+                "buf": {"__buf": 1, "len": length, "runs": [[rng.randint(0, 5), [rng.random()]]]}
+            }
+        else:
+            patch[key] = {rng.choice("abcd"): rng.choice(ODD_VALUES)}
+    return patch
