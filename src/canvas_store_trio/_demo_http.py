@@ -48,6 +48,7 @@ CONTENT_TYPES: Mapping[str, str] = {
 
 _BUILD_HINT = "run `node demo/build.mjs` in the source tree (after `npm ci` in node/)"
 
+
 class DemoNotBuiltError(RuntimeError):
     """The demo page has not been built into the package (``_demo/index.html`` is missing)."""
 

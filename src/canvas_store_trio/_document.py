@@ -33,7 +33,10 @@ class SnapshotError(ValueError):
 
 def is_buffer_delta(value: object) -> bool:
     """Whether a field value is a buffer delta (``{"__buf": 1, "len": N, "runs": [...]}``)."""
-    return type(value) is dict and value.get("__buf") == 1
+    if type(value) is not dict:
+        return False
+    marker = value.get("__buf")
+    return marker == 1 and type(marker) is not bool  # as JavaScript's `__buf === 1`
 
 
 def apply_buffer_delta(base: object, delta: Mapping[str, Any]) -> list[Any]:
@@ -59,7 +62,7 @@ def _materialize(base: Record | None, value: Record) -> Record:
     """A new record: ``base`` with every field of ``value`` written over it."""
     out = dict(base) if base is not None else {}
     for field, field_value in value.items():
-        if type(field_value) is dict and field_value.get("__buf") == 1:
+        if is_buffer_delta(field_value):
             out[field] = apply_buffer_delta(out.get(field), field_value)
         else:
             out[field] = field_value

@@ -78,10 +78,11 @@ async def serve_websockets(
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners)
     if transport == "wire":
-        serve_stream = functools.partial(serve_wire_stream, handler,
-                                         max_message_size=max_message_size,
-                                         http_handler=http_handler)
+        serve_stream = functools.partial(
+            serve_wire_stream, handler, max_message_size=max_message_size, http_handler=http_handler
+        )
     else:
-        serve_stream = functools.partial(serve_websocket_stream, handler,
-                                         max_message_size=max_message_size)
+        serve_stream = functools.partial(
+            serve_websocket_stream, handler, max_message_size=max_message_size
+        )
     await trio.serve_listeners(serve_stream, listeners)

@@ -114,9 +114,7 @@ class PostgresDatabase:
     timeout: float = 10.0
     connect_timeout: float = 5.0
     application_name: str = "canvas-store-trio"
-    _pool: ConnectionPool[Connection] | None = attrs.field(
-        default=None, init=False, repr=False
-    )
+    _pool: ConnectionPool[Connection] | None = attrs.field(default=None, init=False, repr=False)
     _setup_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False, repr=False)
     _limiter: trio.CapacityLimiter = attrs.field(init=False, repr=False)
     _closed: bool = attrs.field(default=False, init=False, repr=False)
@@ -298,9 +296,7 @@ class PostgresStorage:
                 "WHERE room = %s ORDER BY key",
                 (pg_id,),
             ).fetchall()
-            return snapshot_from_rows(
-                row[0], ((_from_pg(k), r, t) for k, r, t in rows), where
-            )
+            return snapshot_from_rows(row[0], ((_from_pg(k), r, t) for k, r, t in rows), where)
 
         return await self.database._run(load, f"cannot load room {room_id!r}")
 
@@ -312,9 +308,12 @@ class PostgresStorage:
             pg_id = _to_pg(room_id)
             conn.execute(_UPSERT_ROOM, (pg_id, snapshot.timestamp))
             conn.execute(f"DELETE FROM {RECORDS_TABLE} WHERE room = %s", (pg_id,))
-            with conn.cursor() as cur, cur.copy(
-                f"COPY {RECORDS_TABLE} (room, key, record, timestamps) FROM STDIN"
-            ) as copy:
+            with (
+                conn.cursor() as cur,
+                cur.copy(
+                    f"COPY {RECORDS_TABLE} (room, key, record, timestamps) FROM STDIN"
+                ) as copy,
+            ):
                 for key, record, field_ts in rows:
                     copy.write_row((pg_id, _to_pg(key), record, field_ts))
             _commit(conn)

@@ -8,13 +8,13 @@ is refused whole and nothing of it is applied.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
 import orjson
 
-from ._document import Patch
+from ._document import Patch, is_buffer_delta
 
 PROTOCOL_VERSION: Final = 2
 
@@ -66,6 +66,9 @@ class Limits:
         "closed with 1008",
     )
     rate_burst: int = _limit(100, "frames a session may send at once before --rate-limit applies")
+    max_depth: int = _limit(
+        64, "levels of arrays and objects a field value may nest (deeper: an error frame)"
+    )
     ping_interval: float | None = _limit(
         30.0, "seconds between pings to each client ('off' for none)"
     )
@@ -81,10 +84,12 @@ def _as_int(value: object) -> int | None:
     numbers here.
     """
     if type(value) is int:
-        return value
-    if type(value) is float and value.is_integer():
-        return int(value)
-    return None
+        number = value
+    elif type(value) is float and value.is_integer():
+        number = int(value)
+    else:
+        return None
+    return number if -(2**63) <= number < 2**63 else None  # what can be encoded again
 
 
 class ProtocolError(Exception):
@@ -124,66 +129,115 @@ class AuthRefreshMessage:
 ClientMessage = PatchMessage | ReconnectMessage | AuthRefreshMessage
 
 
-def _check_buffer_delta(field: str, delta: dict[str, Any], limits: Limits) -> None:
+@attrs.define
+class _Budget:
+    """What is left of one frame's allowances while its patches are checked."""
+
+    keys: int
+    padding: int
+    """Items the frame's buffer deltas may still add beyond the values they carry."""
+
+
+def _check_buffer_delta(field: str, delta: dict[str, Any], limits: Limits, budget: _Budget) -> None:
     length = _as_int(delta.get("len"))
     if length is None or not 0 <= length <= limits.max_buffer_length:
         raise ProtocolError(
             "invalid-buffer-delta",
-            f"buffer delta {field!r}: 'len' must be an integer from 0 to "
-            f"{limits.max_buffer_length}",
+            f"buffer delta {field}: 'len' must be an integer from 0 to {limits.max_buffer_length}",
         )
     runs = delta.get("runs")
     if type(runs) is not list:
-        raise ProtocolError(
-            "invalid-buffer-delta", f"buffer delta {field!r}: 'runs' must be a list"
-        )
-    total = 0
+        raise ProtocolError("invalid-buffer-delta", f"buffer delta {field}: 'runs' must be a list")
     delta["len"] = length
+    carried = 0
     for run in runs:
         offset = _as_int(run[0]) if type(run) is list and len(run) == 2 else None
         if offset is None or type(run[1]) is not list:
             raise ProtocolError(
                 "invalid-buffer-delta",
-                f"buffer delta {field!r}: each run must be [integer offset, [numbers...]]",
+                f"buffer delta {field}: each run must be [integer offset, [numbers...]]",
             )
         run[0] = offset
         values = run[1]
-        total += len(values)
-        if total > limits.max_buffer_length:
+        carried += len(values)
+        if carried > limits.max_buffer_length:
             raise ProtocolError(
                 "invalid-buffer-delta",
-                f"buffer delta {field!r}: runs carry more than {limits.max_buffer_length} values",
+                f"buffer delta {field}: runs carry more than {limits.max_buffer_length} values",
             )
         if not all(type(v) is int or type(v) is float for v in values):
             raise ProtocolError(
-                "invalid-buffer-delta", f"buffer delta {field!r}: run values must be numbers"
+                "invalid-buffer-delta", f"buffer delta {field}: run values must be numbers"
             )
+    # A few bytes of `len` must not become gigabytes of zeros: the items a frame's deltas
+    # add beyond the values they carry (which the frame size bounds) share one allowance.
+    budget.padding -= max(0, length - carried)
+    if budget.padding < 0:
+        raise ProtocolError(
+            "invalid-buffer-delta",
+            f"buffer delta {field}: the buffer deltas of one frame may add at most "
+            f"{limits.max_buffer_length} items beyond the values they carry",
+        )
 
 
-def _check_patches(name: str, patches: object, limits: Limits, budget: int) -> int:
-    """Check a list of patches; return the key budget left. Raise ProtocolError if bad."""
+def _short(text: str, limit: int = 80) -> str:
+    """A key or field name for an error message: quoted, and cut if long."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _deeper_than(value: object, depth: int) -> bool:
+    """Whether containers nest more than ``depth`` levels inside ``value``."""
+    kind = type(value)
+    if kind is dict:
+        children: Iterable[object] = value.values()  # type: ignore[attr-defined]
+    elif kind is list:
+        children = value  # type: ignore[assignment]
+    else:
+        return False
+    if depth <= 0:
+        return True
+    return any(
+        _deeper_than(child, depth - 1)
+        for child in children
+        if type(child) is dict or type(child) is list
+    )
+
+
+def _check_patches(name: str, patches: object, limits: Limits, budget: _Budget) -> None:
+    """Check a list of patches against the frame's budget. Raise ProtocolError if bad."""
     if patches is None:
-        return budget
+        return
     if type(patches) is not list:
         raise ProtocolError("invalid-frame", f"'{name}' must be a list of objects")
     for patch in patches:
         if type(patch) is not dict:
             raise ProtocolError("invalid-frame", f"each entry of '{name}' must be an object")
-        budget -= len(patch)
-        if budget < 0:
+        budget.keys -= len(patch)
+        if budget.keys < 0:
             raise ProtocolError(
                 "too-many-keys", f"a frame may hold at most {limits.max_keys_per_frame} keys"
             )
         for key, value in patch.items():
             if type(value) is not dict:
-                raise ProtocolError("invalid-component", f"{key!r}: a component must be an object")
+                raise ProtocolError(
+                    "invalid-component", f"{_short(key)}: a component must be an object"
+                )
             exists = value.get("_exists", True)
             if exists is not True and exists is not False:
-                raise ProtocolError("invalid-component", f"{key!r}: '_exists' must be a boolean")
+                raise ProtocolError(
+                    "invalid-component", f"{_short(key)}: '_exists' must be a boolean"
+                )
             for field, field_value in value.items():
-                if type(field_value) is dict and field_value.get("__buf") == 1:
-                    _check_buffer_delta(f"{key}.{field}", field_value, limits)
-    return budget
+                if _deeper_than(field_value, limits.max_depth):
+                    raise ProtocolError(
+                        "too-deep",
+                        f"{_short(key)}.{_short(field)}: values may nest at most "
+                        f"{limits.max_depth} levels",
+                    )
+                if is_buffer_delta(field_value):
+                    _check_buffer_delta(
+                        f"{_short(key)}.{_short(field)}", field_value, limits, budget
+                    )
 
 
 def _message_id(frame: Mapping[str, Any]) -> MessageId | None:
@@ -221,7 +275,8 @@ def parse_client_frame(data: str | bytes, limits: Limits) -> ClientMessage:
         raise
     if kind is None:
         raise ProtocolError("invalid-frame", "the frame has no 'type'", _message_id(frame))
-    raise ProtocolError("unknown-type", f"unknown frame type {kind!r}", _message_id(frame))
+    shown = _short(kind) if type(kind) is str else f"of JSON type {type(kind).__name__}"
+    raise ProtocolError("unknown-type", f"unknown frame type {shown}", _message_id(frame))
 
 
 def _parse_patch(frame: dict[str, Any], limits: Limits) -> PatchMessage:
@@ -251,7 +306,8 @@ def _parse_patch_lists(
 ) -> tuple[Sequence[Patch], Sequence[Patch]]:
     document = frame.get("documentPatches")
     ephemeral = frame.get("ephemeralPatches")
-    budget = _check_patches("documentPatches", document, limits, limits.max_keys_per_frame)
+    budget = _Budget(limits.max_keys_per_frame, limits.max_buffer_length)
+    _check_patches("documentPatches", document, limits, budget)
     _check_patches("ephemeralPatches", ephemeral, limits, budget)
     return document or (), ephemeral or ()
 

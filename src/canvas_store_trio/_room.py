@@ -15,10 +15,11 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import orjson
 import trio
 from trio_websocket import ConnectionClosed
 
-from ._document import Document, EphemeralState, Patch, Snapshot
+from ._document import Document, EphemeralState, Patch, Snapshot, has_content
 from ._protocol import (
     AuthRefreshMessage,
     Limits,
@@ -201,6 +202,17 @@ class Room:
                 await self._close_requested.wait()
                 return
             if not self._sessions:
+                # Save before closing; a room whose save fails stays open (and keeps
+                # retrying) rather than forgetting its acked edits.
+                if not await self._save():
+                    logger.warning(
+                        "room %r stays open: its changes could not be saved (%s)",
+                        self.room_id,
+                        self.save_error,
+                    )
+                    continue
+                if self._sessions:
+                    continue
                 logger.info(
                     "room %r closes after %g s without sessions", self.room_id, self._idle_timeout
                 )
@@ -243,11 +255,14 @@ class Room:
             self._unsaved = trio.Event()
             changes = self.document.take_changes() if self._incremental else None
             try:
-                if changes is not None:
-                    assert isinstance(self._storage, IncrementalStorage)
-                    await self._storage.save_changes(changes)
-                else:
-                    await self._storage.save(await self._copy_snapshot())
+                with trio.move_on_after(self._flush_timeout) as scope:
+                    if changes is not None:
+                        assert isinstance(self._storage, IncrementalStorage)
+                        await self._storage.save_changes(changes)
+                    else:
+                        await self._storage.save(await self._copy_snapshot())
+                if scope.cancelled_caught:
+                    raise TimeoutError(f"save took over {self._flush_timeout} s")
             except BaseException as exc:
                 if changes is not None:
                     self.document.restore_changes(changes)
@@ -480,13 +495,24 @@ class Room:
         session.send(error_frame(error))
         if session.note_refused(self.limits.max_invalid_frames, self.limits.invalid_frame_window):
             session.close(1008, "too many invalid frames")
+            logger.warning(
+                "room %r: client %r closed: too many invalid frames (over %d in %g s)",
+                self.room_id,
+                session.client_id,
+                self.limits.max_invalid_frames,
+                self.limits.invalid_frame_window,
+            )
             self._remove_session(session)
 
     def _on_patch(self, session: Session, message: PatchMessage) -> None:
         if not message.document_patches and not message.ephemeral_patches:
             return
         if session.permissions == "readwrite":
-            self._apply(session, message.document_patches, message.ephemeral_patches)
+            try:
+                self._apply(session, message.document_patches, message.ephemeral_patches)
+            except ProtocolError as exc:
+                exc.message_id = message.message_id
+                raise
         session.send(ack_frame(message.message_id, self.document.timestamp))
 
     def _on_reconnect(self, session: Session, message: ReconnectMessage) -> None:
@@ -518,25 +544,35 @@ class Room:
         document_patches: Sequence[Patch],
         ephemeral_patches: Sequence[Patch],
     ) -> None:
-        """Apply a frame's patches and broadcast them. Raise ProtocolError before any
-        change if the frame would take the client over its presence key limit."""
+        """Apply a frame's patches and broadcast them.
+
+        Raise ProtocolError, before anything changes, if the frame would take the client
+        over its presence key limit or its broadcast cannot be encoded.
+        """
         client_id = session.client_id
         if ephemeral_patches:
             self._check_presence_limit(client_id, ephemeral_patches)
-        changed = self.document.apply(document_patches)
+        will_change = has_content(document_patches)
+        frame = None
+        if will_change or ephemeral_patches:
+            try:
+                frame = patch_frame(
+                    client_id,
+                    document_patches if will_change else None,
+                    self.document.timestamp + 1,
+                    ephemeral_patches,
+                )
+            except orjson.JSONEncodeError:
+                raise ProtocolError(
+                    "invalid-component", "a value cannot be encoded as JSON again"
+                ) from None
+        if will_change:
+            self.document.apply(document_patches)
         if ephemeral_patches:
             self.ephemeral.apply(client_id, ephemeral_patches)
-        if changed or ephemeral_patches:
-            self._broadcast(
-                patch_frame(
-                    client_id,
-                    document_patches if changed else None,
-                    self.document.timestamp,
-                    ephemeral_patches,
-                ),
-                exclude=session,
-            )
-        if changed:
+        if frame is not None:
+            self._broadcast(frame, exclude=session)
+        if will_change:
             self._mark_unsaved()
             if self._on_document_patch:
                 self._on_document_patch(self, document_patches)

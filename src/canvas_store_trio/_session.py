@@ -40,6 +40,8 @@ class RawWriter(Protocol):
     def write_nowait(self, data: bytes) -> bool: ...
 
     async def write(self, data: bytes) -> None: ...
+
+
 PERMISSIONS: tuple[Permissions, ...] = ("readwrite", "readonly")
 
 
@@ -119,6 +121,7 @@ class Session:
         self.outbox_max_bytes = outbox_max_bytes
         self._pending = pending
         self._flush_queued = False
+        self._step_backlog = 0
         self._raw: RawWriter | None = socket if isinstance(socket, RawWriter) else None
         self._outbox_ready = trio.Event()
         self.close_code: int | None = None
@@ -141,7 +144,9 @@ class Session:
         if self.close_code is not None:
             return
         backlog = self.outbox_bytes + (self._raw.unsent_bytes if self._raw else 0)
-        if backlog and backlog + len(frame) > self.outbox_max_bytes:
+        if not self._flush_queued:  # the first frame of this room step
+            self._step_backlog = backlog
+        if self._step_backlog >= self.outbox_max_bytes:
             self.close(1008, "too slow: outbox full")
             return
         self.outbox.append(frame)

@@ -46,9 +46,7 @@ _UPSERT_RECORD = (
     "ON CONFLICT (room, key) DO UPDATE SET record = excluded.record, "
     "timestamps = excluded.timestamps"
 )
-_INSERT_RECORD = (
-    f"INSERT INTO {RECORDS_TABLE} (room, key, record, timestamps) VALUES (?, ?, ?, ?)"
-)
+_INSERT_RECORD = f"INSERT INTO {RECORDS_TABLE} (room, key, record, timestamps) VALUES (?, ?, ?, ?)"
 
 
 def _commit(conn: sqlite3.Connection) -> None:
@@ -226,8 +224,7 @@ class SQLiteStorage:
                 conn.execute("COMMIT")
                 return None
             rows = conn.execute(
-                f"SELECT key, record, timestamps FROM {RECORDS_TABLE} WHERE room = ? "
-                "ORDER BY key",
+                f"SELECT key, record, timestamps FROM {RECORDS_TABLE} WHERE room = ? ORDER BY key",
                 (room_id,),
             ).fetchall()
             conn.execute("COMMIT")

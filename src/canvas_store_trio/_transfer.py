@@ -103,8 +103,7 @@ async def import_room(
         snapshot = await _decode(snapshot, f"the snapshot for room {room_id!r}")
     if not overwrite and room_id in await backend.list_room_ids():
         raise TransferError(
-            f"room {room_id!r} already exists in {backend}; pass overwrite (--force) "
-            "to replace it"
+            f"room {room_id!r} already exists in {backend}; pass overwrite (--force) to replace it"
         )
     await backend.create_storage(room_id).save(snapshot)
     return snapshot
@@ -319,9 +318,7 @@ async def run_transfer_command(args: argparse.Namespace) -> str:
                 sys.stdout.buffer.flush()
                 return f"exported room {args.room!r} (timestamp {snapshot.timestamp})"
             snapshot = await export_room_to_file(backend, args.room, args.output)
-            return (
-                f"exported room {args.room!r} (timestamp {snapshot.timestamp}) to {args.output}"
-            )
+            return f"exported room {args.room!r} (timestamp {snapshot.timestamp}) to {args.output}"
         if args.from_dir is not None:
             if args.file or args.room:
                 raise ValueError("import --from-dir takes no FILE and no --room")
@@ -336,7 +333,5 @@ async def run_transfer_command(args: argparse.Namespace) -> str:
             await import_room(backend, args.room, data, overwrite=args.force)
             room_id = args.room
         else:
-            room_id = await import_file(
-                backend, args.file, room_id=args.room, overwrite=args.force
-            )
+            room_id = await import_file(backend, args.file, room_id=args.room, overwrite=args.force)
         return f"imported room {room_id!r} into {backend}"

@@ -72,8 +72,14 @@ def default_http_handler(request: HttpRequest) -> HttpResponse:
     return 200, "text/plain; charset=utf-8", b"ok"
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            426: "Upgrade Required", 431: "Request Header Fields Too Large"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    426: "Upgrade Required",
+    431: "Request Header Fields Too Large",
+}
 
 
 def _http_response(status: int, content_type: str, body: bytes, head_only: bool = False) -> bytes:
@@ -139,8 +145,14 @@ class WireSocket:
     ``trio_websocket.ConnectionClosed``, so code written for trio-websocket works.
     """
 
-    def __init__(self, stream: trio.abc.Stream, request: HttpRequest, *,
-                 max_message_size: int, buffered: bytes = b"") -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        request: HttpRequest,
+        *,
+        max_message_size: int,
+        buffered: bytes = b"",
+    ) -> None:
         self._stream = stream
         self.request = request
         self.path = request.path
@@ -299,11 +311,10 @@ class WireSocket:
                 (length,) = struct.unpack_from("!Q", buffer, 2)
                 offset = 10
             if opcode >= 0x8:
-                if length > 125 or not first & 0x80:
+                if opcode > _OP_PONG or length > 125 or not first & 0x80:
                     raise _ProtocolViolation(1002, "bad control frame")
             elif self._fragment_size + length > self._max_message_size:
-                raise _ProtocolViolation(
-                    1009, f"message over {self._max_message_size} bytes")
+                raise _ProtocolViolation(1009, f"message over {self._max_message_size} bytes")
             end = offset + 4 + length
             if len(buffer) < end:
                 return None
@@ -360,6 +371,18 @@ class WireSocket:
         finally:
             self._set_closed(code, reason)
 
+    def _close_in_buffer(self) -> bool:
+        """Whether the peer's close frame is in what we have read."""
+        try:
+            while (message := self._next_message()) is not None:
+                if isinstance(message, tuple) and message[0] == _OP_CLOSE:
+                    return True
+        except _ProtocolViolation:
+            # Unparseable from here on (after a 1009, say): drop it and keep reading
+            # until EOF or the timeout, so the peer can finish sending and read our close.
+            self._buffer.clear()
+        return False
+
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         """Close with ``code``; wait up to 2 s for the peer's close frame. Idempotent."""
         if self._close_sent or self.closed is not None:
@@ -369,10 +392,11 @@ class WireSocket:
         try:
             await self._write(_control_frame(_OP_CLOSE, _close_payload(code, reason or "")))
             with trio.move_on_after(2.0):
-                while True:
+                while not self._close_in_buffer():
                     data = await self._stream.receive_some(RECEIVE_SIZE)
                     if not data:
                         break
+                    self._buffer += data
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -383,8 +407,9 @@ class WireSocket:
 class WireRequest:
     """A WebSocket handshake waiting for :meth:`accept` (trio-websocket's request API)."""
 
-    def __init__(self, stream: trio.abc.Stream, request: HttpRequest, buffered: bytes,
-                 max_message_size: int) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, request: HttpRequest, buffered: bytes, max_message_size: int
+    ) -> None:
         self._stream = stream
         self._request = request
         self._buffered = buffered
@@ -400,8 +425,12 @@ class WireRequest:
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept.encode() + b"\r\n\r\n"
         )
-        return WireSocket(self._stream, self._request, max_message_size=self._max_message_size,
-                          buffered=self._buffered)
+        return WireSocket(
+            self._stream,
+            self._request,
+            max_message_size=self._max_message_size,
+            buffered=self._buffered,
+        )
 
 
 class _HeadTooLarge(Exception):
@@ -473,8 +502,9 @@ async def serve_wire_stream(
             head_only = request.method == "HEAD"
             await _answer(stream, _http_response(status, content_type, body, head_only))
             return
-        if request.headers.get("sec-websocket-version") != "13" or \
-                not request.headers.get("sec-websocket-key"):
+        if request.headers.get("sec-websocket-version") != "13" or not request.headers.get(
+            "sec-websocket-key"
+        ):
             await _answer(stream, _http_response(426, "text/plain", b"WebSocket version 13"))
             return
         await handler(WireRequest(stream, request, rest, max_message_size))
