@@ -3,9 +3,13 @@
 //
 //   node reference-server.mjs [--host 127.0.0.1] [--port 0] [--data-dir DIR | --memory]
 //                             [--save-throttle SECONDS] [--idle-timeout SECONDS]
+//                             [--authorize SPEC]
 //
 // Every session is readwrite, a missing token is accepted, and a missing roomId means
 // `default`, as in our example server. Prints `Listening on ws://HOST:PORT` once ready.
+// With --authorize (SPEC is accepted for parity with `canvas-store-trio serve` and
+// otherwise ignored), the test policy of tests/interop_auth.py applies: token "ro" is
+// readonly, "deny" or "deny-*" is refused, anything else is readwrite.
 import { createServer } from 'node:http'
 import { parseArgs } from 'node:util'
 import { acceptConnection, FileStorage, MemoryStorage, RoomManager } from '@woven-ecs/canvas-store-server'
@@ -19,8 +23,16 @@ const { values } = parseArgs({
     memory: { type: 'boolean', default: false },
     'save-throttle': { type: 'string', default: '5' },
     'idle-timeout': { type: 'string', default: '60' },
+    authorize: { type: 'string' },
   },
 })
+
+function testPolicy({ token }) {
+  if (token === 'deny' || token.startsWith('deny-')) throw new Error('token refused')
+  if (token === 'ro') return { permissions: 'readonly', metadata: { token } }
+  return { permissions: 'readwrite', metadata: { token } }
+}
+const authorize = values.authorize ? testPolicy : () => ({ permissions: 'readwrite' })
 
 const manager = new RoomManager({ idleTimeout: Number(values['idle-timeout']) * 1000 })
 const memoryStorages = new Map()
@@ -43,7 +55,7 @@ wss.on('connection', (ws, req) => {
     url: url.pathname + url.search,
     request: req,
     manager,
-    authorize: () => ({ permissions: 'readwrite' }),
+    authorize,
     roomOptions: (roomId) => ({
       saveThrottleMs: Number(values['save-throttle']) * 1000,
       createStorage: () => createStorage(roomId),
@@ -52,7 +64,7 @@ wss.on('connection', (ws, req) => {
   ws.on('message', (data) => conn.onMessage(String(data)))
   ws.on('close', conn.onClose)
   ws.on('error', conn.onError)
-  conn.ready.catch((err) => ws.close(1008, err.message))
+  conn.ready.catch((err) => ws.close(1008, String(err.message).slice(0, 120)))
 })
 
 server.listen(Number(values.port), values.host, () => {

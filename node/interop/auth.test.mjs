@@ -1,5 +1,5 @@
 // Permissions through the server's authorize hook (`--authorize`, policy in
-// tests/interop_auth.py and interop/ref-server.mjs): token "ro" is readonly, "deny" is refused.
+// tests/interop_auth.py and reference-server.mjs): token "ro" is readonly, "deny" is refused.
 import assert from 'node:assert/strict'
 import { after, before, test } from 'node:test'
 import { cid, connectAll, framesOf, ServerProcess, sleep, TestClient, waitConverged, waitFor } from './harness.mjs'

@@ -9,7 +9,7 @@
 //                             `--host 127.0.0.1 --port P --data-dir D --save-throttle S
 //                             --idle-timeout S [--authorize SPEC]` and reads the port from the
 //                             first `ws://HOST:PORT` it prints (stdout or stderr).
-//                             Default: the Node reference server (interop/ref-server.mjs).
+//                             Default: the Node reference server (reference-server.mjs).
 //   CANVAS_STORE_AUTHORIZE    SPEC passed to --authorize (default `interop_auth:authorize`,
 //                             i.e. tests/interop_auth.py on PYTHONPATH).
 //   CANVAS_STORE_SERVER_KIND  `reference` or `trio`; only used to mark tests of known reference
@@ -149,7 +149,7 @@ process.on('exit', () => {
 })
 
 /** The Node reference server, whatever the server under test is. */
-export const REFERENCE_COMMAND = [process.execPath, join(HERE, 'ref-server.mjs')]
+export const REFERENCE_COMMAND = [process.execPath, join(HERE, '..', 'reference-server.mjs')]
 
 export function serverCommand() {
   const raw = process.env.CANVAS_STORE_SERVER_CMD
