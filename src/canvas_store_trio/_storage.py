@@ -16,6 +16,7 @@ import base64
 import os
 import re
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -110,6 +111,28 @@ def room_id_from_file_name(name: str) -> str | None:
     return stem if _PLAIN_ROOM_ID.fullmatch(stem) else None
 
 
+def write_file_atomically(path: Path, parts: Iterable[bytes]) -> None:
+    """Write ``parts`` to ``path`` through a temp file, fsync and rename (blocking).
+
+    A crash at any moment leaves the old file or the new one, never half of one.
+    """
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.writelines(parts)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 @attrs.define
 class FileStorage:
     """One JSON file per room, in the Node server's format, replaced atomically.
@@ -155,19 +178,4 @@ class FileStorage:
 
     def _write(self, parts: list[bytes]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        target = self.path
-        tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.writelines(parts)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_file_atomically(self.path, parts)

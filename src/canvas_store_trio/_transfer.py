@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,8 +22,14 @@ import attrs
 import trio
 
 from ._backends import StorageBackend
-from ._document import Snapshot, SnapshotError, decode_snapshot, encode_snapshot
-from ._storage import room_file_name, room_id_from_file_name
+from ._document import (
+    Snapshot,
+    SnapshotError,
+    decode_snapshot,
+    encode_snapshot,
+    encode_snapshot_parts,
+)
+from ._storage import room_file_name, room_id_from_file_name, write_file_atomically
 
 __all__ = [
     "TransferError",
@@ -81,7 +86,8 @@ async def export_room_to_file(
     """Write one room's snapshot to ``path`` in the Node format, atomically."""
     snapshot = await export_room(backend, room_id)
     try:
-        await trio.to_thread.run_sync(_write_atomic, Path(path), snapshot)
+        await trio.to_thread.run_sync(
+            write_file_atomically, Path(path), encode_snapshot_parts(snapshot))
     except OSError as exc:
         raise TransferError(f"cannot write {path}: {exc.strerror or exc}") from None
     return snapshot
@@ -221,20 +227,6 @@ async def _decode(data: bytes | str, what: str) -> Snapshot:
         return await trio.to_thread.run_sync(decode_snapshot, data)
     except SnapshotError as exc:
         raise TransferError(f"{what} is not a valid snapshot ({exc})") from None
-
-
-def _write_atomic(path: Path, snapshot: Snapshot) -> None:
-    data = encode_snapshot(snapshot)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --- command line: `canvas-store-trio export` and `canvas-store-trio import` ------------
