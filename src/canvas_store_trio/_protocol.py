@@ -8,6 +8,8 @@ is refused whole and nothing of it is applied.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
@@ -256,7 +258,9 @@ def parse_client_frame(data: str | bytes, limits: Limits) -> ClientMessage:
     try:
         frame = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise ProtocolError("invalid-json", f"not valid JSON: {exc.msg}") from None
+        if "surrogate" not in exc.msg:
+            raise ProtocolError("invalid-json", f"not valid JSON: {exc.msg}") from None
+        frame = _loads_with_lone_surrogates(data)
     if type(frame) is not dict:
         raise ProtocolError("invalid-frame", "a frame must be a JSON object")
     kind = frame.get("type")
@@ -277,6 +281,23 @@ def parse_client_frame(data: str | bytes, limits: Limits) -> ClientMessage:
         raise ProtocolError("invalid-frame", "the frame has no 'type'", _message_id(frame))
     shown = _short(kind) if type(kind) is str else f"of JSON type {type(kind).__name__}"
     raise ProtocolError("unknown-type", f"unknown frame type {shown}", _message_id(frame))
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _loads_with_lone_surrogates(text: str) -> Any:
+    """Parse JSON whose strings hold lone UTF-16 surrogates (``"\\ud83d"``).
+
+    JavaScript's JSON.stringify writes them (a label cut in the middle of an emoji),
+    but they have no UTF-8 form, so nothing could send or save them again: each
+    becomes U+FFFD, the replacement character. The slow path, taken only for them.
+    """
+    try:
+        text = json.dumps(json.loads(text), ensure_ascii=False)
+        return orjson.loads(_LONE_SURROGATE.sub("\ufffd", text))
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError("invalid-json", f"not valid JSON: {exc}") from None
 
 
 def _parse_patch(frame: dict[str, Any], limits: Limits) -> PatchMessage:
