@@ -1,6 +1,6 @@
 """Authorize hook for the interop suite (``--authorize interop_auth:authorize``).
 
-The same policy is built into ``node/interop/ref-server.mjs`` for the Node reference server:
+The same policy is built into ``node/reference-server.mjs`` for the Node reference server:
 
 - token ``ro``: readonly session;
 - token ``deny`` or ``deny-*``: connection refused;

@@ -1,0 +1,762 @@
+#!/usr/bin/env python3
+"""Benchmark canvas-store-trio against the Node reference server, one command.
+
+    .venv/bin/python bench/run.py                 # every shape, 3 runs per server
+    .venv/bin/python bench/run.py --quick         # smoke run, a few seconds per shape
+    .venv/bin/python bench/run.py --shape fanout1x50 --reps 5
+    .venv/bin/python bench/run.py --ours node     # Node vs Node: checks the harness itself
+
+For every shape and every repetition it starts a fresh server (file storage in a temporary
+folder, the same save throttle and idle timeout for both), drives it with the Node load
+generator bench/loadgen.mjs in separate process(es), and stops it. Repetitions alternate
+which server goes first. It prints medians for both servers and the ratio ours / Node, and
+can write every raw number as JSON (--json). Only 127.0.0.1 is used; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import queue
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+LOADGEN = BENCH / "loadgen.mjs"
+NODE_SERVER = ROOT / "node" / "reference-server.mjs"
+VENV_PY = ROOT / ".venv" / "bin" / "python"
+LISTEN_RE = re.compile(r"ws://127\.0\.0\.1:(\d+)")
+
+# name -> (loadgen shape, parameters). Durations are filled in from --quick / --duration.
+SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "rooms10x5": ("edit", {"rooms": 10, "editors": 5}),
+    "fanout1x50": ("edit", {"rooms": 1, "editors": 50}),
+    "rooms1000x2": ("edit", {"rooms": 1000, "editors": 2}),
+    "join100k": ("join", {}),
+    "save100k": ("stall", {}),
+    "idle-sessions": ("idle", {"mode": "sessions"}),
+    "idle-rooms": ("idle", {"mode": "rooms"}),
+}
+
+
+# ------------------------------------------------------------------ servers
+
+
+def server_cmd(kind: str, data_dir: Path, throttle: float, idle_timeout: float) -> list[str]:
+    common = ["--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir)]
+    common += ["--save-throttle", str(throttle), "--idle-timeout", str(idle_timeout)]
+    if kind == "node":
+        return ["node", str(NODE_SERVER), *common]
+    return [str(VENV_PY), "-m", "canvas_store_trio", "serve", *common]
+
+
+class Server:
+    def __init__(
+        self, name: str, kind: str, data_dir: Path, log_path: Path, throttle: float, idle: float
+    ):
+        self.name = name
+        self.log_path = log_path
+        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            server_cmd(kind, data_dir, throttle, idle),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
+        deadline = time.monotonic() + 60
+        self.url = ""
+        while time.monotonic() < deadline:
+            m = LISTEN_RE.search(log_path.read_text(errors="replace"))
+            if m:
+                self.url = f"ws://127.0.0.1:{m.group(1)}"
+                break
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        if not self.url:
+            self.stop()
+            raise RuntimeError(f"{name} server did not start; log:\n{log_path.read_text()[-3000:]}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.log.close()
+
+
+# ------------------------------------------------------------------ big document
+
+
+def write_big_snapshot(path: Path, components: int) -> int:
+    """A snapshot file in the Node FileStorage shape with `components` component records.
+
+    Entities have four components each (a block, a colour, a text and an ownership tag),
+    with field timestamps spread over the history.
+    """
+    state: dict[str, dict[str, Any]] = {}
+    stamps: dict[str, dict[str, int]] = {}
+    ts = 0
+    n = 0
+    e = 0
+    while n < components:
+        eid = f"{e:08x}-0000-4000-8000-{e:012x}"
+        recs: dict[str, dict[str, Any]] = {
+            "block": {
+                "_exists": True,
+                "position": [e % 997 * 10.5, e // 997 * 7.25],
+                "size": [120, 80],
+                "rotation": 0,
+                "rank": f"a{e:06d}",
+            },
+            "color": {"_exists": True, "red": e % 256, "green": 128, "blue": 64, "alpha": 255},
+            "text": {"_exists": True, "content": f"note {e}: the quick brown fox", "fontSize": 16},
+            "owner": {"_exists": True, "clientId": f"client-{e % 17}"},
+        }
+        for comp, rec in recs.items():
+            if n >= components:
+                break
+            if n % 50 == 0:
+                ts += 1
+            key = f"{eid}/{comp}"
+            state[key] = rec
+            stamps[key] = {f: ts for f in rec}
+            n += 1
+        e += 1
+    path.write_text(
+        json.dumps({"timestamp": ts, "state": state, "timestamps": stamps}, separators=(",", ":"))
+    )
+    return n
+
+
+SMALL_ROOM_KEYS = 10
+
+
+def write_small_room(path: Path, i: int) -> None:
+    """A small saved room: a few shapes someone drew, as the Node FileStorage writes it."""
+    state = {}
+    stamps = {}
+    for k in range(SMALL_ROOM_KEYS // 2):
+        eid = f"{i:08x}-{k:04x}-4000-8000-000000000000"
+        state[f"{eid}/block"] = {"_exists": True, "position": [k * 10, i], "size": [100, 50]}
+        state[f"{eid}/color"] = {"_exists": True, "red": k, "green": 0, "blue": 255}
+        stamps[f"{eid}/block"] = {"_exists": k + 1, "position": k + 1, "size": k + 1}
+        stamps[f"{eid}/color"] = {"_exists": k + 1, "red": k + 1, "green": k + 1, "blue": k + 1}
+    snap = {"timestamp": SMALL_ROOM_KEYS // 2, "state": state, "timestamps": stamps}
+    path.write_text(json.dumps(snap, separators=(",", ":")))
+
+
+# ------------------------------------------------------------------ load generator
+
+
+def run_loadgen(
+    server: Server,
+    shape: str,
+    params: dict[str, Any],
+    procs: int,
+    max_seconds: float,
+    on_phase: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run `procs` loadgen processes on one shape; returns their results.
+
+    `on_phase(name)` is called when shard 0 enters a phase ("measure", "done").
+    """
+    barrier = procs > 1
+    children = []
+    lines: queue.Queue[tuple[int, str]] = queue.Queue()
+    for i in range(procs):
+        cfg = {
+            "url": server.url,
+            "serverPid": server.pid,
+            "clkTck": os.sysconf("SC_CLK_TCK"),
+            "maxSeconds": max_seconds,
+            "shape": shape,
+            "params": params,
+            "shard": {"index": i, "count": procs},
+            "barrier": barrier,
+        }
+        p = subprocess.Popen(
+            ["node", str(LOADGEN), json.dumps(cfg)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        children.append(p)
+
+        def pump(idx: int = i, proc: subprocess.Popen[str] = p) -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.put((idx, line))
+            lines.put((idx, ""))
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    results: dict[int, dict[str, Any]] = {}
+    stages: dict[str, set[int]] = {}
+    finished: set[int] = set()
+    deadline = time.monotonic() + max_seconds + 15
+    error = None
+    try:
+        while len(finished) < procs and time.monotonic() < deadline:
+            try:
+                idx, line = lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if line == "":
+                finished.add(idx)
+                continue
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if ev["event"] == "stage":
+                got = stages.setdefault(ev["name"], set())
+                got.add(idx)
+                if len(got) == procs:
+                    start = time.time() * 1000 + 200
+                    for c in children:
+                        assert c.stdin is not None
+                        c.stdin.write(f"go {start}\n")
+                        c.stdin.flush()
+            elif ev["event"] == "phase":
+                if on_phase is not None and idx == 0:
+                    on_phase(ev["name"])
+            elif ev["event"] == "result":
+                results[idx] = ev["result"]
+            elif ev["event"] == "error":
+                error = f"loadgen {idx}: {ev['error']}"
+                break
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+            c.wait(timeout=10)
+    if error or len(results) < procs:
+        err = "".join((c.stderr.read() if c.stderr else "") for c in children)[-3000:]
+        raise RuntimeError(error or f"loadgen gave {len(results)}/{procs} results; stderr:\n{err}")
+    return [results[i] for i in range(procs)]
+
+
+def hist_percentile(buckets: dict[str, int], q: float) -> float:
+    """Percentile in ms from merged log buckets (bucket k covers exp(k/100) us, ~1% wide)."""
+    items = sorted((int(k), v) for k, v in buckets.items())
+    total = sum(v for _, v in items)
+    if not total:
+        return math.nan
+    target = q * total
+    seen = 0
+    for k, v in items:
+        seen += v
+        if seen >= target:
+            return math.exp((k + 0.5) / 100) / 1000
+    return math.exp((items[-1][0] + 0.5) / 100) / 1000
+
+
+def summarize(shape: str, parts: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, float]:
+    """One repetition's metrics (name -> number)."""
+    if shape == "edit":
+        buckets: dict[str, int] = {}
+        for p in parts:
+            for k, v in p["hist"]["buckets"].items():
+                buckets[k] = buckets.get(k, 0) + v
+        win = float(parts[0]["windowS"])
+        wall = max(float(p["wallS"]) for p in parts)
+        for p in parts:
+            if p["badFrames"] or p["unexpectedCloses"]:
+                raise RuntimeError(
+                    f"bad run: {p['badFrames']} bad frames, {p['unexpectedCloses']} closes"
+                )
+        acks = sum(p["acks"] for p in parts)
+        dels = sum(p["deliveries"] for p in parts)
+        fanout = int(extra["editors"]) - 1
+        if acks and abs(dels / acks - fanout) > 0.05 * fanout:
+            print(
+                f"    warning: {dels / acks:.2f} deliveries per ack, expected {fanout}", flush=True
+            )
+        return {
+            "acks/s": sum(p["acks"] for p in parts) / win,
+            "deliveries/s": sum(p["deliveries"] for p in parts) / win,
+            "p50 ack ms": hist_percentile(buckets, 0.50),
+            "p99 ack ms": hist_percentile(buckets, 0.99),
+            "server CPU %": 100 * float(parts[0]["serverCpuS"]) / wall,
+            "loadgen CPU %": 100 * sum(float(p["loadgenCpuS"]) for p in parts) / wall,
+            "server CPU us/ack": 1e6
+            * float(parts[0]["serverCpuS"])
+            / max(1, sum(p["acks"] for p in parts)),
+            "  of which kernel us/ack": 1e6 * float(parts[0]["serverSysS"]) / max(1, acks),
+            "connect s": max(float(p["connectS"]) for p in parts),
+        }
+    r = parts[0]
+    if shape == "join":
+        return {
+            "cold join ms": statistics.median(r["coldMs"]),
+            "warm join ms": statistics.median(r["warmMs"]),
+            "server CPU s (cold join)": statistics.median(r["coldServerCpuS"]),
+            "RSS per loaded 100k room MB": float(r["rssPerBigRoomKB"]) / 1024,
+        }
+    if shape == "stall":
+        wins = r["windows"]
+        saves = [w for w in wins if w["kind"] == "save"]
+        base = [w for w in wins if w["kind"] == "baseline"]
+        if any(w["savedAtMs"] is None for w in saves):
+            print(
+                f"    warning: no file changed in the data dir during a save window: {saves}",
+                flush=True,
+            )
+        return {
+            # Per window: the longest probe ack latency (send -> ack), i.e. the longest time the
+            # server left a frame unanswered. (The gap between acks also counts the probe's own
+            # scheduling delays.) Median over the windows, robust to a one-off hiccup of this
+            # shared machine, then the worst window; the no-save windows give the noise floor.
+            "stall ms (save, median)": statistics.median(w["maxLatMs"] for w in saves),
+            "stall ms (save, worst)": max(w["maxLatMs"] for w in saves),
+            "stall ms (no save, median)": statistics.median(w["maxLatMs"] for w in base),
+            "ack gap ms (save, median)": statistics.median(w["maxGapMs"] for w in saves),
+            "probe p99 ms (save)": statistics.median(w["p99LatMs"] or 0 for w in saves),
+            "probe own loop delay ms": statistics.median(w["probeMaxLoopDelayMs"] for w in wins),
+            "save seen after ms": statistics.median(w["savedAtMs"] or math.nan for w in saves),
+        }
+    if shape == "idle":
+        label = "KB per idle session" if r["mode"] == "sessions" else "KB per idle room"
+        return {label: float(r["perItemBytes"]) / 1024}
+    raise ValueError(shape)
+
+
+# Lower-is-better metrics; the others are throughput.
+LOWER_BETTER = re.compile(r"ms|KB|MB|CPU|connect")
+# metric -> (kind, limit): ratio ours/node must be >= / <= limit, or ours absolute must be <= limit.
+TARGETS: dict[str, tuple[str, float]] = {
+    "deliveries/s": ("ratio>=", 1.0),
+    "p99 ack ms": ("ratio<=", 1.0),
+    "stall ms (save, median)": ("abs<=", 5.0),
+    "cold join ms": ("ratio<=", 1.0),
+    "warm join ms": ("ratio<=", 1.0),
+    "KB per idle session": ("ratio<=", 2.0),
+    "KB per idle room": ("ratio<=", 2.0),
+}
+
+
+# A ratio that misses its target by at most this much is reported as "≈", not "SHORT":
+# repeated Node-vs-Node runs on the 2-core machine differ by about that much.
+NOISE = 0.10
+
+
+def shape_params(
+    name: str, args: argparse.Namespace, run_id: str, data_dir: Path
+) -> tuple[str, dict[str, Any], float]:
+    shape, base = SHAPES[name]
+    params = dict(base)
+    params["prefix"] = f"{name}-{run_id}"
+    if shape == "edit":
+        params["warmup"] = args.warmup
+        params["duration"] = args.duration
+        rooms = int(base["rooms"])
+        budget = args.warmup + args.duration + 60 + rooms * 0.1
+    elif shape == "join":
+        params["bigRooms"] = [f"big-{i}" for i in range(args.join_rooms)]
+        params["expectKeys"] = args.components
+        params["warmReps"] = args.join_warm
+        budget = 120.0 * args.join_rooms
+    elif shape == "stall":
+        params.update(
+            bigRoom="big-0",
+            probeRoom="probe",
+            throttle=args.stall_throttle,
+            saves=args.saves,
+            baseline=args.saves,
+            settle=1.0,
+            dataDir=str(data_dir),
+        )
+        budget = 180 + 2 * args.saves * (args.stall_throttle + 3)
+    else:
+        params["n"] = args.idle_n
+        params["settle"] = args.idle_settle
+        budget = 120 + args.idle_n * 0.1
+    return shape, params, budget
+
+
+def print_profile(path: Path, label: str, top: int = 12) -> None:
+    """Summarize a py-spy raw file (collapsed stacks, --threads): the event-loop thread's
+    self and inclusive shares per function, then what the worker threads did while busy."""
+    if not path.exists():
+        print(f"    profile {label}: py-spy wrote nothing", flush=True)
+        return
+
+    def short(frame: str) -> str:
+        func, _, where = frame.partition(" (")
+        return f"{func} ({where.split(':')[0].rsplit('/', 1)[-1]})" if where else func
+
+    main_self: dict[str, int] = {}
+    main_incl: dict[str, int] = {}
+    worker_self: dict[str, int] = {}
+    main_total = worker_total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        thread, *rest = stack.split(";")  # "thread (TID): NAME;frame;frame..."
+        frames = [short(f) for f in rest] or ["?"]
+        if thread.endswith("MainThread"):
+            main_total += n
+            main_self[frames[-1]] = main_self.get(frames[-1], 0) + n
+            for f in set(frames):
+                main_incl[f] = main_incl.get(f, 0) + n
+        elif frames[-1] != "WorkerThread._work (_thread_cache.py)":  # an idle worker
+            worker_total += n
+            worker_self[frames[-1]] = worker_self.get(frames[-1], 0) + n
+    print(f"    profile {label}: raw stacks in {path}", flush=True)
+    if main_total:
+        print(f"      event-loop thread, {main_total} samples; self% then incl%:", flush=True)
+        for f, n in sorted(main_self.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"      {100 * n / main_total:5.1f}  {f}", flush=True)
+        print("      --", flush=True)
+        for f, n in sorted(main_incl.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"      {100 * n / main_total:5.1f}  {f}", flush=True)
+    if worker_total:
+        print(f"      worker threads, {worker_total} busy samples (% of event-loop samples):")
+        for f, n in sorted(worker_self.items(), key=lambda kv: -kv[1])[:5]:
+            print(f"      {100 * n / max(1, main_total):5.1f}  {f}", flush=True)
+
+
+def fmt(v: float) -> str:
+    if v != v:  # NaN
+        return "-"
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def spread(vals: list[float]) -> str:
+    vals = [v for v in vals if v == v]
+    if len(vals) < 2 or not min(vals):
+        return ""
+    return f"±{100 * (max(vals) - min(vals)) / 2 / statistics.median(vals):.0f}%"
+
+
+def run_once(
+    name: str, rep: int, side: str, kind: str, tmp: Path, big: Path, args: argparse.Namespace
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """One fresh server, one loadgen run on one shape: (metrics, raw loadgen results)."""
+    run_id = f"{rep}{side[0]}"
+    data_dir = tmp / f"{name}-{run_id}"
+    data_dir.mkdir()
+    shape, params, budget = shape_params(name, args, run_id, data_dir)
+    if shape in ("join", "stall"):
+        rooms = params["bigRooms"] if shape == "join" else [params["bigRoom"]]
+        for room in rooms:
+            shutil.copyfile(big, data_dir / f"{room}.json")
+    if name == "idle-rooms":
+        for i in range(args.idle_n):
+            write_small_room(data_dir / f"{params['prefix']}-room-{i}.json", i)
+        params["expectKeys"] = SMALL_ROOM_KEYS
+    procs = args.procs if shape == "edit" else 1
+    throttle = args.stall_throttle if shape == "stall" else args.save_throttle
+    log = tmp / f"{name}-{run_id}.log"
+    server = Server(side, kind, data_dir, log, throttle, args.idle_timeout)
+    profiler = Profiler(server.pid, tmp / f"profile-{name}-{run_id}.txt")
+    on_phase = profiler.on_phase if args.profile and kind == "trio" else None
+    try:
+        parts = run_loadgen(server, shape, params, procs, budget, on_phase)
+        metrics = summarize(shape, parts, params)
+        if profiler.stop():
+            print_profile(profiler.out, f"{name} [{rep}] {side}")
+    finally:
+        profiler.stop()
+        server.stop()
+        if not args.keep:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    for p in parts:
+        p.pop("hist", None)
+    return metrics, parts
+
+
+class Profiler:
+    """py-spy on the server, sampling only the measured phase (not connecting, not loading)."""
+
+    def __init__(self, pid: int, out: Path):
+        self.pid = pid
+        self.out = out
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def on_phase(self, phase: str) -> None:
+        if phase == "measure" and self.proc is None:
+            cmd = [str(VENV_PY.parent / "py-spy"), "record", "--threads", "--rate", "250"]
+            cmd += ["--format", "raw", "--output", str(self.out), "--pid", str(self.pid)]
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        elif phase == "done" and self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+
+    def stop(self) -> bool:
+        """Let py-spy write its file; True if it ran."""
+        if self.proc is None:
+            return False
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        return True
+
+
+def verdict_for(metric: str, ratio: float, ours: float) -> tuple[str, str]:
+    """(target text, verdict) for a metric with a target, else ("", "")."""
+    if metric not in TARGETS:
+        return "", ""
+    kind, lim = TARGETS[metric]
+    if kind == "ratio>=":
+        target, ok = f"≥ {lim}x", ratio >= lim
+    elif kind == "ratio<=":
+        target, ok = f"≤ {lim}x", ratio <= lim
+    else:
+        target, ok = f"≤ {lim} ms", ours <= lim
+    if ours != ours or (kind != "abs<=" and ratio != ratio):
+        return target, "-"
+    if ok:
+        return target, "ok"
+    if kind != "abs<=" and abs(ratio - lim) <= NOISE * lim:
+        return target, "≈"  # misses by less than run-to-run noise
+    return target, "SHORT"
+
+
+def table(
+    shapes: list[str], raw: dict[str, dict[str, list[dict[str, float]]]], sides: list[str]
+) -> str:
+    rows = []
+    for name in shapes:
+        per_side = raw[name]
+        names: list[str] = []
+        for runs in per_side.values():
+            for m in runs:
+                names += [k for k in m if k not in names]
+        for metric in names:
+            med = {}
+            spr = {}
+            for side in sides:
+                vals = [m[metric] for m in per_side[side] if metric in m]
+                med[side] = statistics.median(vals) if vals else math.nan
+                spr[side] = spread(vals)
+            n, o = med.get("node", math.nan), med.get("ours", math.nan)
+            ratio = o / n if n and n == n and o == o else math.nan
+            target, verdict = verdict_for(metric, ratio, o)
+            sn, so = spr.get("node", ""), spr.get("ours", "")
+            rows.append((name, metric, fmt(n), sn, fmt(o), so, fmt(ratio), target, verdict))
+    head = ("shape", "metric", "Node", "±", "ours", "±", "ours/Node", "target", "")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(r: tuple[str, ...]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(head), sep, *(line(r) for r in rows)])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 repetition, short windows, small N"
+    )
+    ap.add_argument(
+        "--shape", action="append", choices=list(SHAPES), help="run only this shape (repeatable)"
+    )
+    ap.add_argument("--reps", type=int, help="runs per server per shape (default 3, quick 1)")
+    ap.add_argument(
+        "--ours",
+        choices=["trio", "node"],
+        default="trio",
+        help="what to run as 'ours': the Trio server, or Node again to check the harness",
+    )
+    ap.add_argument("--only", choices=["node", "ours"], help="run one side only")
+    ap.add_argument(
+        "--warmup", type=float, help="edit shapes: seconds before the window (default 2, quick 0.5)"
+    )
+    ap.add_argument(
+        "--duration", type=float, help="edit shapes: measured seconds (default 8, quick 2)"
+    )
+    ap.add_argument(
+        "--save-throttle",
+        type=float,
+        default=5.0,
+        help="both servers, every shape but save100k (default 5 s, as the example server)",
+    )
+    ap.add_argument(
+        "--stall-throttle",
+        type=float,
+        default=1.0,
+        help="both servers, save100k: the edit-to-save wait in each window (default 1 s)",
+    )
+    ap.add_argument(
+        "--idle-timeout", type=float, default=600.0, help="both servers (default 600 s)"
+    )
+    ap.add_argument("--components", type=int, default=100_000, help="size of the big document")
+    ap.add_argument("--join-rooms", type=int, help="cold joins per run (default 3, quick 1)")
+    ap.add_argument("--join-warm", type=int, default=3, help="warm joins per cold join")
+    ap.add_argument(
+        "--saves",
+        type=int,
+        help="saves of the big room per run, and as many windows "
+        "without a save (default 5, quick 2)",
+    )
+    ap.add_argument("--idle-n", type=int, help="idle sessions / rooms (default 1000)")
+    ap.add_argument(
+        "--idle-settle",
+        type=float,
+        default=5.0,
+        help="idle shapes: seconds to wait before reading RSS (default 5)",
+    )
+    ap.add_argument(
+        "--procs", type=int, default=1, help="loadgen processes for edit shapes (default 1)"
+    )
+    ap.add_argument("--json", type=Path, help="write every raw number here")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample ours with py-spy during each run and print the hot spots "
+        "(perturbs the numbers: use for diagnosis, not for the table)",
+    )
+    ap.add_argument("--verbose", action="store_true", help="print every loadgen result")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder (data, logs)")
+    args = ap.parse_args()
+    q = args.quick
+    args.reps = args.reps or (1 if q else 3)
+    args.warmup = args.warmup if args.warmup is not None else (0.5 if q else 2.0)
+    args.duration = args.duration or (2.0 if q else 8.0)
+    args.join_rooms = args.join_rooms or (1 if q else 3)
+    args.saves = args.saves or (2 if q else 5)
+    args.idle_n = args.idle_n or 1000
+    shapes = args.shape or list(SHAPES)
+
+    # 1000 rooms x 2 editors is 2000 sockets on each side.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+    sides = [("node", "node"), ("ours", "node" if args.ours == "node" else "trio")]
+    if args.only:
+        sides = [s for s in sides if s[0] == args.only]
+    if any(k == "trio" for _, k in sides):
+        check = subprocess.run(
+            [str(VENV_PY), "-m", "canvas_store_trio", "serve", "--help"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+        if check.returncode != 0:
+            print(
+                f"ours does not answer `serve --help` yet:\n{check.stderr[-2000:]}", file=sys.stderr
+            )
+            return 2
+
+    tmp = Path(tempfile.mkdtemp(prefix="canvas-bench-"))
+    big = tmp / "big.json"
+    if any(SHAPES[s][0] in ("join", "stall") for s in shapes):
+        t = time.monotonic()
+        write_big_snapshot(big, args.components)
+        print(
+            f"big document: {args.components} components, {big.stat().st_size / 1e6:.1f} MB "
+            f"({time.monotonic() - t:.1f} s to write)",
+            flush=True,
+        )
+
+    node_version = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout
+    print(
+        f"machine: {platform.node()} {os.cpu_count()} cores, {platform.platform()}; "
+        f"node {node_version.strip()}, python {platform.python_version()}; ours = {args.ours}; "
+        f"save throttle {args.save_throttle} s (save100k: {args.stall_throttle} s); "
+        f"{args.reps} run(s) per server per shape; "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+
+    raw: dict[str, dict[str, list[dict[str, float]]]] = {}
+    details: list[dict[str, Any]] = []  # every loadgen result, minus histograms
+    failures: list[str] = []
+    for name in shapes:
+        raw[name] = {side: [] for side, _ in sides}
+        for rep in range(args.reps):
+            order = sides if rep % 2 == 0 else list(reversed(sides))
+            for side, kind in order:
+                t0 = time.monotonic()
+                try:
+                    metrics, parts = run_once(name, rep, side, kind, tmp, big, args)
+                except Exception as e:  # report and carry on with the next run
+                    failures.append(f"{name} rep {rep} {side}: {e}")
+                    print(f"  {name} [{rep}] {side}: FAILED {str(e)[:500]}", flush=True)
+                    continue
+                raw[name][side].append(metrics)
+                details.append({"shape": name, "rep": rep, "side": side, "loadgen": parts})
+                if args.verbose:
+                    print(f"    {json.dumps(parts)[:3000]}", flush=True)
+                short = ", ".join(f"{k} {fmt(v)}" for k, v in list(metrics.items())[:4])
+                took = time.monotonic() - t0
+                load = os.getloadavg()[0]
+                print(
+                    f"  {name} [{rep}] {side:4}: {short}  ({took:.0f} s, load {load:.1f})",
+                    flush=True,
+                )
+
+    print()
+    print(f"medians of {args.reps} run(s) per server; ± is half the min-max range over runs")
+    print(table(shapes, raw, [side for side, _ in sides]))
+    if failures:
+        print("\nfailed runs:\n  " + "\n  ".join(failures))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                    "machine": platform.node(),
+                    "cores": os.cpu_count(),
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "raw": raw,
+                    "details": details,
+                    "failures": failures,
+                },
+                indent=1,
+            )
+        )
+    if args.keep:
+        print(f"\nlogs and data kept in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
