@@ -548,33 +548,6 @@ def test_document_from_snapshot_behaves_like_the_original(
 
 
 @FRAMES
-@given(frame_lists, st.integers(1, 4), st.lists(st.lists(patch_lists(), max_size=2), max_size=8))
-def test_snapshot_steps_copies_the_state_as_it_was_when_it_began(
-    frames: list[list[dict[str, Any]]],
-    chunk_size: int,
-    between: list[list[list[dict[str, Any]]]],
-) -> None:
-    """The saver copies a few keys at a time while the room keeps applying frames
-    (``between[i]`` after step i): the copy must be the document exactly as it was
-    when the copy began."""
-    doc, _, _ = _run(frames)
-    for _ in range(2):  # and again, once the first copy is done
-        expected = copy.deepcopy(doc.snapshot())
-        steps = doc.snapshot_steps(chunk_size=chunk_size)
-        result, step = None, 0
-        while result is None:
-            try:
-                next(steps)
-            except StopIteration as done:
-                result = done.value
-            else:
-                for frame in between[step] if step < len(between) else ():
-                    doc.apply(frame)
-                step += 1
-        assert result == expected
-
-
-@FRAMES
 @given(frame_lists, st.integers(1, 5))
 def test_snapshot_encoded_in_parts_is_the_snapshot(
     frames: list[list[dict[str, Any]]], chunk_size: int

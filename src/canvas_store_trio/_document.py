@@ -12,7 +12,7 @@ another thread, while the room keeps applying patches.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -135,10 +135,6 @@ class Document:
     state: dict[str, Record] = attrs.field(factory=dict)
     timestamps: dict[str, FieldTimestamps] = attrs.field(factory=dict)
     unsaved_keys: set[str] | None = attrs.field(default=None, repr=False)
-    _undo: dict[str, tuple[Record | None, FieldTimestamps | None]] | None = attrs.field(
-        default=None, init=False, repr=False
-    )
-    """While :meth:`snapshot_steps` runs: the value each key had when it started."""
     """Keys written since :meth:`take_changes` last ran, when tracked (None: not tracked).
     Only rooms on incremental storage track them."""
 
@@ -159,16 +155,9 @@ class Document:
         if not has_content(patches):
             return False
         self.timestamp = ts = self.timestamp + 1
-        state, timestamps, unsaved, undo = (
-            self.state,
-            self.timestamps,
-            self.unsaved_keys,
-            self._undo,
-        )
+        state, timestamps, unsaved = self.state, self.timestamps, self.unsaved_keys
         for patch in patches:
             for key, value in patch.items():
-                if undo is not None and key not in undo:
-                    undo[key] = (state.get(key), timestamps.get(key))
                 if not merge_entry(state, key, value):
                     continue
                 if unsaved is not None:
@@ -201,38 +190,12 @@ class Document:
         return diff
 
     def snapshot(self) -> Snapshot:
-        """The persistent state now. Cheap: records are never edited in place."""
-        return Snapshot(self.timestamp, dict(self.state), dict(self.timestamps))
+        """The persistent state now, frozen: later frames do not change it.
 
-    def snapshot_steps(self, chunk_size: int = 2000) -> Generator[None, None, Snapshot]:
-        """Copy the persistent state ``chunk_size`` keys at a time, yielding in between.
-
-        The driver may let the document change between steps (a room keeps applying
-        frames while its saver copies): the result is still the state exactly as it was
-        when the generator started. Writes made meanwhile record the old value of each
-        key they touch first. One copy at a time.
+        Cheap, since records and their timestamps are replaced, never edited in place:
+        two shallow dict copies (about 1 ms for 100k components; measured in bench/).
         """
-        assert self._undo is None, "one snapshot copy at a time"
-        timestamp, keys = self.timestamp, list(self.state)
-        undo: dict[str, tuple[Record | None, FieldTimestamps | None]] = {}
-        self._undo = undo
-        try:
-            state: dict[str, Record] = {}
-            timestamps: dict[str, FieldTimestamps] = {}
-            for start in range(0, len(keys), chunk_size):
-                for key in keys[start : start + chunk_size]:
-                    if key in undo:
-                        record, field_ts = undo[key]
-                    else:
-                        record, field_ts = self.state.get(key), self.timestamps.get(key)
-                    if record is not None:
-                        state[key] = record
-                    if field_ts is not None:
-                        timestamps[key] = field_ts
-                yield
-            return Snapshot(timestamp, state, timestamps)
-        finally:
-            self._undo = None
+        return Snapshot(self.timestamp, dict(self.state), dict(self.timestamps))
 
     def take_changes(self) -> Changes:
         """The keys written since the last call, as they stand now; then forget them."""
@@ -311,11 +274,11 @@ def encode_snapshot_parts(snapshot: Snapshot, chunk_size: int = 2000) -> Iterato
 
 
 def _encode_members(mapping: Mapping[str, Any], chunk_size: int) -> Iterator[bytes]:
-    items = list(mapping.items())
-    for start in range(0, len(items), chunk_size):
+    keys = list(mapping)  # one list, not one tuple per item: less for the collector
+    for start in range(0, len(keys), chunk_size):
         if start:
             yield b","
-        yield orjson.dumps(dict(items[start : start + chunk_size]))[1:-1]
+        yield orjson.dumps({key: mapping[key] for key in keys[start : start + chunk_size]})[1:-1]
 
 
 def decode_snapshot(data: bytes | str) -> Snapshot:

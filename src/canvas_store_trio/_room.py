@@ -260,7 +260,7 @@ class Room:
                         assert isinstance(self._storage, IncrementalStorage)
                         await self._storage.save_changes(changes)
                     else:
-                        await self._storage.save(await self._copy_snapshot())
+                        await self._storage.save(self.document.snapshot())
                 if scope.cancelled_caught:
                     raise TimeoutError(f"save took over {self._flush_timeout} s")
             except BaseException as exc:
@@ -273,19 +273,6 @@ class Room:
                 return False
             self.save_error = None
             return True
-
-    async def _copy_snapshot(self) -> Snapshot:
-        """The document as it is now, copied a piece at a time between other tasks."""
-        steps = self.document.snapshot_steps()
-        try:
-            while True:
-                next(steps)
-                await trio.sleep(0)
-        except StopIteration as done:
-            snapshot: Snapshot = done.value
-            return snapshot
-        finally:
-            steps.close()
 
     async def flush(self) -> None:
         """Save now if anything is unsaved. Raise the storage's error if that fails."""
