@@ -32,7 +32,6 @@ MAX_HEAD_SIZE = 16 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a new connection has to send its request head."""
 RECEIVE_SIZE = 64 * 1024
-_READS_PER_YIELD = 4
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _OP_CONTINUATION, _OP_TEXT, _OP_BINARY = 0x0, 0x1, 0x2
@@ -166,7 +165,6 @@ class WireSocket:
         self._send_lock = trio.Lock()
         self._unsent = bytearray()
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
-        self._reads_without_yield = 0
         self._pong = trio.Event()
         self._close_sent = False
         self.closed: CloseReason | None = None
@@ -280,39 +278,13 @@ class WireSocket:
                     continue
                 return message
             try:
-                data = await self._read()
+                data = await self._stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if not data:
                 self._set_closed(1006, "connection lost")
                 continue
             self._buffer += data
-
-    async def _read(self) -> bytes | bytearray:
-        """The next bytes from the peer (b"" at its end).
-
-        On a socket this reads the descriptor directly and parks in
-        ``trio.lowlevel.wait_readable`` only when nothing is there: it is the same
-        system calls as ``receive_some`` with less Python around each frame. It yields
-        every few reads even when data keeps coming, so one busy client cannot hold
-        the loop, and cancellation is seen within a few frames.
-        """
-        if self._fd is None:
-            return await self._stream.receive_some(RECEIVE_SIZE)
-        while True:
-            try:
-                data = os.read(self._fd, RECEIVE_SIZE)
-            except BlockingIOError:
-                self._reads_without_yield = 0
-                await trio.lowlevel.wait_readable(self._fd)
-                continue
-            except OSError:
-                return b""
-            self._reads_without_yield += 1
-            if self._reads_without_yield >= _READS_PER_YIELD:
-                self._reads_without_yield = 0
-                await trio.lowlevel.checkpoint()
-            return data
 
     def _next_message(self) -> str | bytes | tuple[int, bytes] | None:
         """Parse buffered bytes: a whole message, a control frame, or None for more."""
