@@ -1,8 +1,8 @@
 // Permissions through the server's authorize hook (`--authorize`, policy in
 // tests/interop_auth.py and reference-server.mjs): token "ro" is readonly, "deny" is refused.
 import assert from 'node:assert/strict'
-import { after, before, test } from 'node:test'
-import { cid, connectAll, framesOf, ServerProcess, sleep, TestClient, waitConverged, waitFor } from './harness.mjs'
+import { test } from 'node:test'
+import { cid, connectAll, serveAround, framesOf, ServerProcess, sleep, TestClient, waitConverged, waitFor } from './harness.mjs'
 
 const server = new ServerProcess({ name: 'auth', authorize: true, saveThrottle: 0.3, idleTimeout: 2 })
 const clients = []
@@ -18,16 +18,7 @@ function client(room, prefix, token) {
 /** Patch frames this client received from `sender`. */
 const patchesFrom = (c, sender) => c.framesIn('patch').filter((m) => m.clientId === sender.clientId)
 
-before(async () => {
-  await server.start()
-})
-
-after(async () => {
-  for (const c of clients) c.close()
-  const exit = await server.stop()
-  await server.dispose()
-  assert.equal(exit.code, 0, `server exit on SIGTERM: ${JSON.stringify(exit)}\n${server.output}`)
-})
+serveAround(server, clients)
 
 test('a readonly token can load the document but cannot change anything', async () => {
   const room = newRoom('ro')

@@ -1,8 +1,9 @@
 // Live sync through one server: connect, edit, merge, delete, buffer deltas, presence,
 // offline edits and late joiners, all with the real @woven-ecs/canvas-store WebsocketAdapter.
 import assert from 'node:assert/strict'
-import { after, before, describe, test } from 'node:test'
+import { describe, test } from 'node:test'
 import {
+  serveAround,
   cid,
   connectAll,
   connectTogether,
@@ -27,16 +28,7 @@ function client(room, prefix, opts = {}) {
 let roomSeq = 0
 const newRoom = (name) => `${name}-${process.pid}-${++roomSeq}`
 
-before(async () => {
-  await server.start()
-})
-
-after(async () => {
-  for (const c of clients) c.close()
-  const exit = await server.stop()
-  await server.dispose()
-  assert.equal(exit.code, 0, `server exit on SIGTERM: ${JSON.stringify(exit)}\n${server.output}`)
-})
+serveAround(server, clients)
 
 describe('connect', () => {
   test('both clients get synced, and clients connecting at the same moment see each other', {

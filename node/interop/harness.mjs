@@ -16,9 +16,11 @@
 //                             bugs as todo. Default: `reference` when CANVAS_STORE_SERVER_CMD is
 //                             unset, `trio` otherwise.
 //   CANVAS_STORE_INTEROP_VERBOSE=1  print server output and frame logs as tests run.
+import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
+import { after, before } from 'node:test'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { materializeFields, WebsocketAdapter } from '@woven-ecs/canvas-store'
@@ -543,4 +545,18 @@ export async function waitConverged(clients, { expected, timeout = 5000, what = 
         ].join('\n'),
     },
   )
+}
+
+/** Start `server` before the file's tests; after them, close `clients`, stop the server
+ * and require that it exited cleanly (code 0) on SIGTERM. */
+export function serveAround(server, clients) {
+  before(async () => {
+    await server.start()
+  })
+  after(async () => {
+    for (const c of clients) c.close()
+    const exit = await server.stop()
+    await server.dispose()
+    assert.equal(exit.code, 0, `server exit on SIGTERM: ${JSON.stringify(exit)}\n${server.output}`)
+  })
 }
