@@ -41,7 +41,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from canvas_store_trio import _listener, _wire, decode_snapshot
+from canvas_store_trio import _wire, decode_snapshot
 from canvas_store_trio._cli import build_parser, serve
 
 from .conftest import Client
@@ -768,7 +768,6 @@ async def test_half_open_handshakes_block_nobody_and_time_out_quietly(
 ) -> None:
     caplog.set_level(logging.INFO, logger="canvas_store_trio")
     monkeypatch.setattr(_wire, "HANDSHAKE_TIMEOUT", 1.0)
-    monkeypatch.setattr(_listener, "HANDSHAKE_TIMEOUT", 1.0)
     async with scene(transport=transport) as s:
         lorises = []
         for i in range(30):

@@ -82,10 +82,8 @@ def load_demo_assets(folder: Path | Traversable | None = None) -> dict[str, _Ass
     return assets
 
 
-def _answer(method: str, target: str, assets: Mapping[str, _Asset]) -> HttpResponse:
-    """The demo's answer to a plain HTTP request (the body even for HEAD)."""
-    if method not in ("GET", "HEAD"):
-        return 405, "text/plain; charset=utf-8", b"Only GET and HEAD here.\n"
+def _answer(target: str, assets: Mapping[str, _Asset]) -> HttpResponse:
+    """The demo's answer to a GET or HEAD (the wire transport answers other methods)."""
     path = urlsplit(target).path
     asset = assets.get("index.html" if path in ("", "/") else path[1:])
     if asset is None:
@@ -103,7 +101,7 @@ def demo_http_handler(
     assets = load_demo_assets(folder)
 
     def answer(request: HttpRequest) -> HttpResponse:
-        return _answer(request.method, request.path, assets)
+        return _answer(request.path, assets)
 
     return answer
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import trio
 from trio_websocket import wrap_server_stream
 
+from . import _wire
 from ._wire import HttpHandler, default_http_handler, serve_wire_stream
 
 logger = logging.getLogger("canvas_store_trio")
@@ -29,10 +30,6 @@ Handler = Callable[[Any], Awaitable[None]]
 trio-websocket's ``WebSocketRequest``)."""
 Transport = Literal["wire", "trio-websocket"]
 TRANSPORTS: tuple[Transport, ...] = ("wire", "trio-websocket")
-
-HANDSHAKE_TIMEOUT = 10.0
-"""Seconds a new connection has to finish its WebSocket handshake."""
-
 
 async def serve_websocket_stream(
     handler: Handler, stream: trio.abc.Stream, *, max_message_size: int
@@ -46,7 +43,7 @@ async def serve_websocket_stream(
     try:
         async with trio.open_nursery() as nursery:
             request = None
-            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            with trio.move_on_after(_wire.HANDSHAKE_TIMEOUT):
                 request = await wrap_server_stream(
                     nursery, stream, max_message_size=max_message_size
                 )

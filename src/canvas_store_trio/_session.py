@@ -143,9 +143,8 @@ class Session:
         """Queue a frame without waiting. Close the session if it cannot keep up."""
         if self.close_code is not None:
             return
-        backlog = self.outbox_bytes + (self._raw.unsent_bytes if self._raw else 0)
         if not self._flush_queued:  # the first frame of this room step
-            self._step_backlog = backlog
+            self._step_backlog = self.outbox_bytes + (self._raw.unsent_bytes if self._raw else 0)
         if self._step_backlog >= self.outbox_max_bytes:
             self.close(1008, "too slow: outbox full")
             return

@@ -139,10 +139,11 @@ class WireSocket:
     """One accepted WebSocket connection. Used by one reader task and one writer task.
 
     :meth:`get_message` reads and parses in the calling task, answering pings and
-    close frames on the way. :meth:`send_text_frames` frames every payload and sends
-    them in one write. :meth:`aclose` sends a close frame, waits (briefly) for the
-    peer's, and closes the stream; it is safe to call twice. Errors surface as
-    ``trio_websocket.ConnectionClosed``, so code written for trio-websocket works.
+    close frames on the way. :meth:`frame_text` frames payloads for one :meth:`write`
+    (or :meth:`write_nowait`, which never waits). :meth:`aclose` sends a close frame,
+    waits (briefly) for the peer's, and closes the stream; it is safe to call twice.
+    Errors surface as ``trio_websocket.ConnectionClosed``, so code written for
+    trio-websocket works.
     """
 
     def __init__(
@@ -227,14 +228,10 @@ class WireSocket:
         if self.closed is None:
             self.closed = CloseReason(code, reason)
 
-    async def send_text_frames(self, payloads: Sequence[bytes]) -> None:
-        """Send UTF-8 JSON payloads as text frames, in one write."""
-        await self.write(self.frame_text(payloads))
-
     async def send_message(self, message: str | bytes) -> None:
         """trio-websocket's API: a str goes as text, bytes as a binary frame."""
         if isinstance(message, str):
-            await self.send_text_frames([message.encode()])
+            await self.write(self.frame_text([message.encode()]))
             return
         header = bytes((0x80 | _OP_BINARY,)) + _text_header(len(message))[1:]
         await self._write(header + message)
