@@ -21,6 +21,7 @@ import trio
 from trio_websocket import wrap_server_stream
 
 from . import _wire
+from ._poller import open_read_poller
 from ._wire import HttpHandler, default_http_handler, serve_wire_stream
 
 logger = logging.getLogger("canvas_store_trio")
@@ -30,6 +31,7 @@ Handler = Callable[[Any], Awaitable[None]]
 trio-websocket's ``WebSocketRequest``)."""
 Transport = Literal["wire", "trio-websocket"]
 TRANSPORTS: tuple[Transport, ...] = ("wire", "trio-websocket")
+
 
 async def serve_websocket_stream(
     handler: Handler, stream: trio.abc.Stream, *, max_message_size: int
@@ -74,12 +76,18 @@ async def serve_websockets(
     """
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners)
-    if transport == "wire":
-        serve_stream = functools.partial(
-            serve_wire_stream, handler, max_message_size=max_message_size, http_handler=http_handler
-        )
-    else:
+    if transport != "wire":
         serve_stream = functools.partial(
             serve_websocket_stream, handler, max_message_size=max_message_size
         )
-    await trio.serve_listeners(serve_stream, listeners)
+        await trio.serve_listeners(serve_stream, listeners)
+        return
+    async with open_read_poller() as poller:
+        serve_stream = functools.partial(
+            serve_wire_stream,
+            handler,
+            max_message_size=max_message_size,
+            http_handler=http_handler,
+            poller=poller,
+        )
+        await trio.serve_listeners(serve_stream, listeners)

@@ -10,6 +10,7 @@ closes the room when it has been empty for ``idle_timeout``, and flushes on the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,6 +41,7 @@ from ._session import (
     AuthorizeResult,
     MessageSocket,
     Permissions,
+    PushSocket,
     Session,
     SessionInfo,
     TokenRefresh,
@@ -368,8 +370,11 @@ class Room:
 
     async def _read_frames(self, session: Session, socket: MessageSocket) -> None:
         try:
-            while True:
-                self.handle_frame(session, await socket.get_message())
+            if isinstance(socket, PushSocket):
+                await socket.deliver_messages(functools.partial(self.handle_frame, session))
+            else:
+                while True:
+                    self.handle_frame(session, await socket.get_message())
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 

@@ -42,6 +42,16 @@ class RawWriter(Protocol):
     async def write(self, data: bytes) -> None: ...
 
 
+@runtime_checkable
+class PushSocket(Protocol):
+    """A socket that calls back with each message instead of being asked (``WireSocket``).
+
+    ``deliver_messages`` runs until the connection ends, like a ``get_message`` loop.
+    """
+
+    async def deliver_messages(self, on_message: Callable[[str | bytes], None]) -> None: ...
+
+
 PERMISSIONS: tuple[Permissions, ...] = ("readwrite", "readonly")
 
 

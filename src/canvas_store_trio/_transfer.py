@@ -87,7 +87,8 @@ async def export_room_to_file(
     snapshot = await export_room(backend, room_id)
     try:
         await trio.to_thread.run_sync(
-            write_file_atomically, Path(path), encode_snapshot_parts(snapshot))
+            write_file_atomically, Path(path), encode_snapshot_parts(snapshot)
+        )
     except OSError as exc:
         raise TransferError(f"cannot write {path}: {exc.strerror or exc}") from None
     return snapshot

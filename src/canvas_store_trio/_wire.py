@@ -25,6 +25,8 @@ import attrs
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
 
+from ._poller import ReadPoller
+
 logger = logging.getLogger("canvas_store_trio")
 
 MAX_HEAD_SIZE = 16 * 1024
@@ -153,6 +155,7 @@ class WireSocket:
         *,
         max_message_size: int,
         buffered: bytes = b"",
+        poller: ReadPoller | None = None,
     ) -> None:
         self._stream = stream
         self.request = request
@@ -166,6 +169,9 @@ class WireSocket:
         self._send_lock = trio.Lock()
         self._unsent = bytearray()
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
+        self._poller = poller
+        self._held: tuple[int, bytes] | _ProtocolViolation | None = None
+        self._on_message: Callable[[str | bytes], None] = lambda message: None
         self._pong = trio.Event()
         self._close_sent = False
         self.closed: CloseReason | None = None
@@ -248,6 +254,56 @@ class WireSocket:
             return self._pending.popleft()
         return await self._receive()
 
+    async def deliver_messages(self, on_message: Callable[[str | bytes], None]) -> None:
+        """Call ``on_message`` with each message as it arrives, until the connection ends.
+
+        Ends, like :meth:`get_message`, by raising ``ConnectionClosed``. With a read
+        poller, the poller's task reads the socket and calls ``on_message`` there, with
+        no task switch per message; control frames, protocol errors and the end of the
+        stream come back to this task, which answers them as :meth:`get_message` does.
+        An exception from ``on_message`` is raised here. Cancellation stops delivery
+        between two messages; bytes not yet handled stay buffered.
+        """
+        while self._pending:
+            on_message(self._pending.popleft())
+        while True:
+            message = await self._next_buffered()
+            if message is not None:
+                on_message(message)
+            elif self._poller is None or self._fd is None:
+                await self._read_more()
+            else:
+                self._on_message = on_message
+                if not await self._poller.wait(self._fd, self._on_readable):
+                    self._poller = None  # the poller stopped: read in this task from now on
+
+    def _on_readable(self) -> bool:
+        """The poller's callback: read once, deliver whole messages; False to hand back."""
+        assert self._fd is not None and self._poller is not None
+        try:
+            data = os.read(self._fd, RECEIVE_SIZE)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self._set_closed(1006, "connection lost")
+            return False
+        self._buffer += data
+        while self._poller.is_waiting(self._fd):
+            try:
+                message = self._next_message()
+            except _ProtocolViolation as violation:
+                self._held = violation
+                return False
+            if message is None:
+                return True
+            if isinstance(message, tuple):
+                self._held = message
+                return False
+            self._on_message(message)
+        return False
+
     async def until_closed(self) -> None:
         """Read until the peer closes, keeping its messages for :meth:`get_message`.
 
@@ -261,27 +317,40 @@ class WireSocket:
             return
 
     async def _receive(self) -> str | bytes:
+        while (message := await self._next_buffered()) is None:
+            await self._read_more()
+        return message
+
+    async def _next_buffered(self) -> str | bytes | None:
+        """The next message among the bytes read; None if more are needed.
+
+        Answers control frames and fails the connection on a protocol error on the way.
+        """
         while True:
             if self.closed is not None:
                 raise ConnectionClosed(self.closed)
+            held, self._held = self._held, None
             try:
-                message = self._next_message()
+                if isinstance(held, _ProtocolViolation):
+                    raise held
+                message = held or self._next_message()
             except _ProtocolViolation as violation:
                 await self._fail(violation.code, violation.reason)
                 continue
-            if message is not None:
-                if isinstance(message, tuple):
-                    await self._on_control(*message)
-                    continue
-                return message
-            try:
-                data = await self._stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            if not data:
-                self._set_closed(1006, "connection lost")
+            if isinstance(message, tuple):
+                await self._on_control(*message)
                 continue
+            return message
+
+    async def _read_more(self) -> None:
+        try:
+            data = await self._stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if data:
             self._buffer += data
+        else:
+            self._set_closed(1006, "connection lost")
 
     def _next_message(self) -> str | bytes | tuple[int, bytes] | None:
         """Parse buffered bytes: a whole message, a control frame, or None for more."""
@@ -405,9 +474,15 @@ class WireRequest:
     """A WebSocket handshake waiting for :meth:`accept` (trio-websocket's request API)."""
 
     def __init__(
-        self, stream: trio.abc.Stream, request: HttpRequest, buffered: bytes, max_message_size: int
+        self,
+        stream: trio.abc.Stream,
+        request: HttpRequest,
+        buffered: bytes,
+        max_message_size: int,
+        poller: ReadPoller | None = None,
     ) -> None:
         self._stream = stream
+        self._poller = poller
         self._request = request
         self._buffered = buffered
         self._max_message_size = max_message_size
@@ -427,6 +502,7 @@ class WireRequest:
             self._request,
             max_message_size=self._max_message_size,
             buffered=self._buffered,
+            poller=self._poller,
         )
 
 
@@ -469,10 +545,13 @@ async def serve_wire_stream(
     *,
     max_message_size: int,
     http_handler: HttpHandler = default_http_handler,
+    poller: ReadPoller | None = None,
 ) -> None:
     """Serve one TCP connection: a WebSocket handshake for ``handler``, or plain HTTP.
 
-    Never raises except Cancelled; the stream is closed when this returns.
+    With ``poller``, the accepted socket's messages are read by the poller's task (see
+    :meth:`WireSocket.deliver_messages`). Never raises except Cancelled; the stream is
+    closed when this returns.
     """
     try:
         read = None
@@ -504,7 +583,7 @@ async def serve_wire_stream(
         ):
             await _answer(stream, _http_response(426, "text/plain", b"WebSocket version 13"))
             return
-        await handler(WireRequest(stream, request, rest, max_message_size))
+        await handler(WireRequest(stream, request, rest, max_message_size, poller))
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
         pass
     except Exception as exc:
