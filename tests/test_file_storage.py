@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import trio
 
-from canvas_store_trio import Document, FileStorage, Snapshot, SnapshotError, StorageError
-from canvas_store_trio._storage import room_file_name, room_id_from_file_name
+from canvas_store_trio import Document, FileStorage, Snapshot, SnapshotError, StorageError, _storage
+from canvas_store_trio._storage import FolderSync, room_file_name, room_id_from_file_name
 
 NODE_FILE = Path(__file__).parent / "data" / "node-room.json"
 
@@ -106,3 +108,85 @@ async def test_an_unreadable_file_is_an_error_not_an_empty_room(tmp_path: Path) 
     (tmp_path / "r.json").mkdir()  # reading a folder fails with EISDIR
     with pytest.raises(StorageError):
         await FileStorage(dir=tmp_path, room_id="r").load()
+
+
+def counting_folder_fsyncs(
+    monkeypatch: pytest.MonkeyPatch, *, delay: float = 0.0, fail_first: bool = False
+) -> list[float]:
+    """Replace the folder fsync with one that records when each call started."""
+    calls: list[float] = []
+    real = _storage.fsync_folder
+
+    def fsync_folder(folder: Path) -> None:
+        calls.append(time.monotonic())
+        time.sleep(delay)
+        if fail_first and len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        real(folder)
+
+    monkeypatch.setattr(_storage, "fsync_folder", fsync_folder)
+    return calls
+
+
+async def test_many_rooms_saving_at_once_share_folder_fsyncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = counting_folder_fsyncs(monkeypatch, delay=0.05)
+    doc = Document()
+    doc.apply([{"e/c": {"_exists": True, "v": 1}}])
+    storages = [FileStorage(dir=tmp_path, room_id=f"room-{i}") for i in range(30)]
+    async with trio.open_nursery() as nursery:
+        for storage in storages:
+            nursery.start_soon(storage.save, doc.snapshot())
+    for storage in storages:
+        loaded = await storage.load()
+        assert loaded is not None and loaded.state == {"e/c": {"_exists": True, "v": 1}}
+    assert 1 <= len(calls) <= 10, f"{len(calls)} folder fsyncs for 30 saves"
+
+
+async def test_a_save_waits_for_a_folder_fsync_that_began_after_its_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fsync already running when a file is renamed does not count for that file."""
+    calls = counting_folder_fsyncs(monkeypatch, delay=0.2)
+    first, second = FileStorage(dir=tmp_path, room_id="a"), FileStorage(dir=tmp_path, room_id="b")
+    done: dict[str, float] = {}
+
+    async def save(storage: FileStorage) -> None:
+        await storage.save(Document().snapshot())
+        done[storage.room_id] = time.monotonic()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(save, first)
+        while not calls:
+            await trio.sleep(0.01)
+        renamed = time.monotonic()
+        await save(second)  # renamed while the first fsync runs
+    assert len(calls) == 2
+    assert calls[0] < renamed < calls[1] <= done["b"]
+
+
+@pytest.mark.parametrize("fail_first", [False, True])
+async def test_one_folder_fsync_covers_every_caller_that_came_before_it_unless_it_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_first: bool
+) -> None:
+    calls = counting_folder_fsyncs(monkeypatch, fail_first=fail_first)
+    folder = FolderSync(tmp_path)
+    outcomes: list[str] = []
+
+    async def sync(name: str) -> None:
+        try:
+            await folder.sync()
+            outcomes.append(f"{name} synced")
+        except OSError as exc:
+            outcomes.append(f"{name} failed: {exc.strerror}")
+
+    async with trio.open_nursery() as nursery:  # both ask before the first fsync begins
+        nursery.start_soon(sync, "a")
+        nursery.start_soon(sync, "b")
+    if fail_first:
+        assert outcomes == ["a failed: Input/output error", "b synced"]
+        assert len(calls) == 2
+    else:
+        assert outcomes == ["a synced", "b synced"]
+        assert len(calls) == 1

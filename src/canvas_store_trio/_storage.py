@@ -13,9 +13,9 @@ files, a user's own class) keep working unchanged.
 from __future__ import annotations
 
 import base64
+import itertools
 import os
 import re
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -111,12 +111,17 @@ def room_id_from_file_name(name: str) -> str | None:
     return stem if _PLAIN_ROOM_ID.fullmatch(stem) else None
 
 
-def write_file_atomically(path: Path, parts: Iterable[bytes]) -> None:
+_temp_names = itertools.count()
+
+
+def write_file_atomically(path: Path, parts: Iterable[bytes], *, sync_folder: bool = True) -> None:
     """Write ``parts`` to ``path`` through a temp file, fsync and rename (blocking).
 
-    A crash at any moment leaves the old file or the new one, never half of one.
+    A crash at any moment leaves the old file or the new one, never half of one. With
+    ``sync_folder`` the folder is fsynced too, so that the rename survives a power loss;
+    :class:`FileStorage` passes False and has :class:`FolderSync` do that for many files.
     """
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{next(_temp_names)}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.writelines(parts)
@@ -126,11 +131,60 @@ def write_file_atomically(path: Path, parts: Iterable[bytes]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    if sync_folder:
+        fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make the renames done in ``folder`` durable (blocking)."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
+
+
+class FolderSync:
+    """Fsyncs one folder for every file renamed into it, sharing one fsync among many.
+
+    :meth:`sync` returns once an fsync of the folder that began after the call has
+    finished, so it covers every rename done before the call. Callers that arrive while
+    an fsync runs share the next one: 1000 rooms saving every few seconds cost a few
+    folder fsyncs, not 1000. An ``OSError`` goes to the caller whose fsync failed, and
+    the callers it would have covered try again. Cancelled while waiting, a caller just
+    leaves; the fsync under way, if any, still finishes for the others.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._lock = trio.Lock()
+        self._requested = 0
+        self._synced = 0
+
+    @classmethod
+    def of(cls, folder: Path) -> FolderSync:
+        """The shared instance for ``folder`` in this Trio run."""
+        try:
+            syncs = _folder_syncs.get()
+        except LookupError:
+            syncs = {}
+            _folder_syncs.set(syncs)
+        if folder not in syncs:
+            syncs[folder] = cls(folder)
+        return syncs[folder]
+
+    async def sync(self) -> None:
+        self._requested += 1
+        ticket = self._requested
+        async with self._lock:
+            if self._synced >= ticket:
+                return
+            covers = self._requested
+            await trio.to_thread.run_sync(fsync_folder, self.folder)
+            self._synced = covers
+
+
+_folder_syncs: trio.lowlevel.RunVar[dict[Path, FolderSync]] = trio.lowlevel.RunVar("folder_syncs")
 
 
 @attrs.define
@@ -173,9 +227,13 @@ class FileStorage:
                 await trio.sleep(0)
             try:
                 await trio.to_thread.run_sync(self._write, parts)
+                await FolderSync.of(self.dir).sync()
             except OSError as exc:
                 raise StorageError(f"cannot write {self.path}: {exc.strerror}") from None
 
     def _write(self, parts: list[bytes]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_file_atomically(self.path, parts)
+        try:
+            write_file_atomically(self.path, parts, sync_folder=False)
+        except FileNotFoundError:  # the folder is not there (yet, or any more)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_file_atomically(self.path, parts, sync_folder=False)
