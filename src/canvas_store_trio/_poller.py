@@ -7,6 +7,8 @@ level-triggered epoll set of its own, and its single task, woken once per batch 
 ready sockets, calls each socket's read callback in turn. A callback that meets
 something it cannot handle without waiting (a control frame, a protocol error, the end
 of the stream) returns False, and the socket's own task is woken to deal with it.
+Callbacks may ask for a call once the whole batch is served (:meth:`ReadPoller.call_after_batch`):
+rooms write what a batch queued then, one write per client for all of it.
 
 Linux only (``select.epoll``); elsewhere :func:`open_read_poller` gives None and every
 socket reads in its own task. Measured in bench/README.md.
@@ -15,11 +17,14 @@ socket reads in its own task. Measured in bench/README.md.
 from __future__ import annotations
 
 import contextlib
+import logging
 import select
 from collections.abc import AsyncIterator, Callable
 
 import outcome
 import trio
+
+logger = logging.getLogger("canvas_store_trio")
 
 BATCH_SIZE = 128
 """Ready sockets served per wake of the poller task before it yields to other tasks."""
@@ -38,6 +43,15 @@ class ReadPoller:
         self._epoll = select.epoll()
         self._waiting: dict[int, tuple[OnReadable, trio.lowlevel.Task]] = {}
         self._closed = False
+        self._after_batch: list[Callable[[], None]] = []
+
+    def call_after_batch(self, callback: Callable[[], None]) -> None:
+        """Have the poller's task call ``callback`` once the sockets of this batch are served.
+
+        For the read callbacks only. An exception from ``callback`` is logged and does
+        not stop the poller.
+        """
+        self._after_batch.append(callback)
 
     def is_waiting(self, fd: int) -> bool:
         """Whether a task still waits on ``fd`` (a callback checks it after each message)."""
@@ -92,12 +106,22 @@ class ReadPoller:
                         continue
                     if not keep and self._waiting.get(fd) is entry:
                         self._wake(fd, outcome.Value(True))
+                self._run_after_batch()
         finally:
+            self._run_after_batch()
             self._closed = True
             for fd in list(self._waiting):
                 self._wake(fd, outcome.Value(False))
             trio.lowlevel.notify_closing(self._epoll.fileno())
             self._epoll.close()
+
+    def _run_after_batch(self) -> None:
+        callbacks, self._after_batch = self._after_batch, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                logger.exception("a read poller's after-batch callback failed")
 
 
 @contextlib.asynccontextmanager

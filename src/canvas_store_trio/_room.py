@@ -371,7 +371,8 @@ class Room:
     async def _read_frames(self, session: Session, socket: MessageSocket) -> None:
         try:
             if isinstance(socket, PushSocket):
-                await socket.deliver_messages(functools.partial(self.handle_frame, session))
+                on_message = functools.partial(self._handle_frame, session)
+                await socket.deliver_messages(on_message, after_messages=self._flush)
             else:
                 while True:
                     self.handle_frame(session, await socket.get_message())
@@ -450,6 +451,13 @@ class Room:
 
     def handle_frame(self, session: Session, data: str | bytes) -> None:
         """Check and handle one frame from a session, entirely, before returning."""
+        try:
+            self._handle_frame(session, data)
+        finally:
+            self._flush()
+
+    def _handle_frame(self, session: Session, data: str | bytes) -> None:
+        """:meth:`handle_frame`, leaving the queued frames to the next :meth:`_flush`."""
         if session.session_id not in self._sessions:
             return
         limits = self.limits
@@ -473,8 +481,6 @@ class Room:
                 self._on_auth_refresh(session, message)
         except ProtocolError as exc:
             self._refuse(session, exc)
-        finally:
-            self._flush()
 
     def _refuse(self, session: Session, error: ProtocolError) -> None:
         logger.warning(

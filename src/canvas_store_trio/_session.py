@@ -46,10 +46,15 @@ class RawWriter(Protocol):
 class PushSocket(Protocol):
     """A socket that calls back with each message instead of being asked (``WireSocket``).
 
-    ``deliver_messages`` runs until the connection ends, like a ``get_message`` loop.
+    ``deliver_messages`` runs until the connection ends, like a ``get_message`` loop,
+    and calls ``after_messages`` once a batch of messages has been delivered.
     """
 
-    async def deliver_messages(self, on_message: Callable[[str | bytes], None]) -> None: ...
+    async def deliver_messages(
+        self,
+        on_message: Callable[[str | bytes], None],
+        after_messages: Callable[[], None] = ...,
+    ) -> None: ...
 
 
 PERMISSIONS: tuple[Permissions, ...] = ("readwrite", "readonly")

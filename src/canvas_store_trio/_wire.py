@@ -172,6 +172,7 @@ class WireSocket:
         self._poller = poller
         self._held: tuple[int, bytes] | _ProtocolViolation | None = None
         self._on_message: Callable[[str | bytes], None] = lambda message: None
+        self._after_messages: Callable[[], None] = lambda: None
         self._pong = trio.Event()
         self._close_sent = False
         self.closed: CloseReason | None = None
@@ -254,34 +255,44 @@ class WireSocket:
             return self._pending.popleft()
         return await self._receive()
 
-    async def deliver_messages(self, on_message: Callable[[str | bytes], None]) -> None:
+    async def deliver_messages(
+        self,
+        on_message: Callable[[str | bytes], None],
+        after_messages: Callable[[], None] = lambda: None,
+    ) -> None:
         """Call ``on_message`` with each message as it arrives, until the connection ends.
 
         Ends, like :meth:`get_message`, by raising ``ConnectionClosed``. With a read
         poller, the poller's task reads the socket and calls ``on_message`` there, with
-        no task switch per message; control frames, protocol errors and the end of the
-        stream come back to this task, which answers them as :meth:`get_message` does.
-        An exception from ``on_message`` is raised here. Cancellation stops delivery
-        between two messages; bytes not yet handled stay buffered.
+        no task switch per message, and calls ``after_messages`` once it has served
+        every socket of its batch (so a room writes what a batch queued in one write
+        per client); without one, ``after_messages`` follows each message. Control
+        frames, protocol errors and the end of the stream come back to this task, which
+        answers them as :meth:`get_message` does. An exception from ``on_message`` is
+        raised here. Cancellation stops delivery between two messages; bytes not yet
+        handled stay buffered.
         """
         while self._pending:
             on_message(self._pending.popleft())
+            after_messages()
         while True:
             message = await self._next_buffered()
             if message is not None:
                 on_message(message)
+                after_messages()
             elif self._poller is None or self._fd is None:
                 await self._read_more()
             else:
-                self._on_message = on_message
+                self._on_message, self._after_messages = on_message, after_messages
                 if not await self._poller.wait(self._fd, self._on_readable):
                     self._poller = None  # the poller stopped: read in this task from now on
 
     def _on_readable(self) -> bool:
         """The poller's callback: read once, deliver whole messages; False to hand back."""
-        assert self._fd is not None and self._poller is not None
+        poller, fd = self._poller, self._fd
+        assert poller is not None and fd is not None
         try:
-            data = os.read(self._fd, RECEIVE_SIZE)
+            data = os.read(fd, RECEIVE_SIZE)
         except BlockingIOError:
             return True
         except OSError:
@@ -290,7 +301,8 @@ class WireSocket:
             self._set_closed(1006, "connection lost")
             return False
         self._buffer += data
-        while self._poller.is_waiting(self._fd):
+        delivered = False
+        while poller.is_waiting(fd):
             try:
                 message = self._next_message()
             except _ProtocolViolation as violation:
@@ -301,6 +313,9 @@ class WireSocket:
             if isinstance(message, tuple):
                 self._held = message
                 return False
+            if not delivered:
+                delivered = True
+                poller.call_after_batch(self._after_messages)
             self._on_message(message)
         return False
 
