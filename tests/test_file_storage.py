@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from canvas_store_trio import Document, FileStorage, Snapshot, SnapshotError, StorageError, _storage
-from canvas_store_trio._storage import FolderSync, room_file_name, room_id_from_file_name
+from canvas_store_trio._storage import room_file_name, room_id_from_file_name
 
 NODE_FILE = Path(__file__).parent / "data" / "node-room.json"
 
@@ -111,16 +111,17 @@ async def test_an_unreadable_file_is_an_error_not_an_empty_room(tmp_path: Path) 
 
 
 def counting_folder_fsyncs(
-    monkeypatch: pytest.MonkeyPatch, *, delay: float = 0.0, fail_first: bool = False
+    monkeypatch: pytest.MonkeyPatch, *, delay: float = 0.0, fail: tuple[int, ...] = ()
 ) -> list[float]:
-    """Replace the folder fsync with one that records when each call started."""
+    """Replace the folder fsync with one that records when each call started (and fails
+    the calls numbered in ``fail``, from 1)."""
     calls: list[float] = []
     real = _storage.fsync_folder
 
     def fsync_folder(folder: Path) -> None:
         calls.append(time.monotonic())
         time.sleep(delay)
-        if fail_first and len(calls) == 1:
+        if len(calls) in fail:
             raise OSError(errno.EIO, "Input/output error")
         real(folder)
 
@@ -166,27 +167,48 @@ async def test_a_save_waits_for_a_folder_fsync_that_began_after_its_rename(
     assert calls[0] < renamed < calls[1] <= done["b"]
 
 
-@pytest.mark.parametrize("fail_first", [False, True])
-async def test_one_folder_fsync_covers_every_caller_that_came_before_it_unless_it_fails(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_first: bool
+async def test_a_failed_folder_fsync_fails_the_saves_it_was_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = counting_folder_fsyncs(monkeypatch, fail_first=fail_first)
-    folder = FolderSync(tmp_path)
-    outcomes: list[str] = []
+    calls = counting_folder_fsyncs(monkeypatch, delay=0.1, fail=(2,))
+    failed: list[str] = []
 
-    async def sync(name: str) -> None:
+    async def save(room_id: str) -> None:
         try:
-            await folder.sync()
-            outcomes.append(f"{name} synced")
-        except OSError as exc:
-            outcomes.append(f"{name} failed: {exc.strerror}")
+            await FileStorage(dir=tmp_path, room_id=room_id).save(Document().snapshot())
+        except StorageError as exc:
+            failed.append(str(exc))
 
-    async with trio.open_nursery() as nursery:  # both ask before the first fsync begins
-        nursery.start_soon(sync, "a")
-        nursery.start_soon(sync, "b")
-    if fail_first:
-        assert outcomes == ["a failed: Input/output error", "b synced"]
-        assert len(calls) == 2
-    else:
-        assert outcomes == ["a synced", "b synced"]
-        assert len(calls) == 1
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(save, "first")
+        while not calls:
+            await trio.sleep(0.01)
+        # Queued while the first batch runs: the next batch, one failing fsync for both.
+        nursery.start_soon(save, "a")
+        nursery.start_soon(save, "b")
+    assert len(calls) == 2
+    assert sorted(failed) == [
+        f"cannot write {tmp_path / name}.json: Input/output error" for name in "ab"
+    ]
+    await save("c")  # the next save fsyncs again, and succeeds
+    assert len(calls) == 3 and len(failed) == 2
+
+
+async def test_one_file_that_cannot_be_written_fails_alone(tmp_path: Path) -> None:
+    (tmp_path / "blocked.json").mkdir()  # a rename cannot replace a folder
+    outcomes: dict[str, str] = {}
+
+    async def save(room_id: str) -> None:
+        try:
+            await FileStorage(dir=tmp_path, room_id=room_id).save(Document().snapshot())
+            outcomes[room_id] = "saved"
+        except StorageError as exc:
+            outcomes[room_id] = str(exc)
+
+    async with trio.open_nursery() as nursery:
+        for room_id in ("before", "blocked", "after"):
+            nursery.start_soon(save, room_id)
+    assert outcomes["before"] == outcomes["after"] == "saved"
+    assert outcomes["blocked"].startswith(f"cannot write {tmp_path / 'blocked.json'}: ")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["after.json", "before.json", "blocked.json"]  # no temp file left
