@@ -6,6 +6,7 @@ these tests pin down the hand-overs between the poller's task and a socket's own
 
 from __future__ import annotations
 
+import os
 import select
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -196,3 +197,32 @@ async def test_sockets_still_waiting_when_the_poller_stops_read_in_their_own_tas
         await until(lambda: len(seen) == 2)
         assert seen == ["through the poller", "after it stopped"]
         nursery.cancel_scope.cancel()
+
+
+async def test_after_messages_runs_once_per_socket_after_the_whole_batch() -> None:
+    """Frames read in one batch are all handled before any socket's after-batch call."""
+    events: list[str] = []
+    async with (
+        open_read_poller() as poller,
+        tcp_pair() as (server_a, client_a),
+        tcp_pair() as (server_b, client_b),
+    ):
+        assert poller is not None
+        a, b = wire_socket(server_a, poller), wire_socket(server_b, poller)
+        async with trio.open_nursery() as nursery:
+            for name, ws in (("a", a), ("b", b)):
+                nursery.start_soon(
+                    ws.deliver_messages,
+                    lambda message, name=name: events.append(f"{name}:{message}"),
+                    lambda name=name: events.append(f"{name} after"),
+                )
+            await until(lambda: poller.is_waiting(server_a.socket.fileno()))
+            await until(lambda: poller.is_waiting(server_b.socket.fileno()))
+            # Written without a checkpoint, so both are ready when the poller next wakes.
+            os.write(client_a.socket.fileno(), text("1") + text("2"))
+            os.write(client_b.socket.fileno(), text("3"))
+            await until(lambda: len(events) == 5)
+            nursery.cancel_scope.cancel()
+    messages, afters = events[:3], events[3:]
+    assert sorted(messages) == ["a:1", "a:2", "b:3"]
+    assert sorted(afters) == ["a after", "b after"]
