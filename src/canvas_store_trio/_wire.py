@@ -1,10 +1,12 @@
 """A lean server-side WebSocket (RFC 6455) on Trio streams: the default transport.
 
-It does only what a sync server needs, and does it in the caller's task: no reader task
-and no channel hop per frame. The session's own task reads bytes, parses frames and
-answers pings and close frames as it goes; its writer sends every queued frame in one
-``send_all``. Server frames are never masked, so framing a payload is a few header
-bytes. No extension is negotiated (browsers fall back to plain frames).
+It does only what a sync server needs, with no reader task and no channel hop per
+frame. Frames are read and parsed either in the session's own task (:meth:`WireSocket.
+get_message`) or, given a :class:`~._poller.ReadPoller`, in the poller's task, which
+hands each message to a callback (:meth:`WireSocket.deliver_messages`); pings and close
+frames are answered in the session's task. Queued frames go out in one write. Server
+frames are never masked, so framing a payload is a few header bytes. No extension is
+negotiated (browsers fall back to plain frames).
 
 Measured in bench/: against trio-websocket, the per-frame cost on the fan-out and
 many-rooms shapes is what decides whether we keep up with the Node server.
@@ -141,9 +143,10 @@ class WireSocket:
     """One accepted WebSocket connection. Used by one reader task and one writer task.
 
     :meth:`get_message` reads and parses in the calling task, answering pings and
-    close frames on the way. :meth:`frame_text` frames payloads for one :meth:`write`
-    (or :meth:`write_nowait`, which never waits). :meth:`aclose` sends a close frame,
-    waits (briefly) for the peer's, and closes the stream; it is safe to call twice.
+    close frames on the way; :meth:`deliver_messages` does the same through a poller.
+    :meth:`frame_text` frames payloads for one :meth:`write` (or :meth:`write_nowait`,
+    which never waits). :meth:`aclose` sends a close frame, waits (briefly) for the
+    peer's, and closes the stream; it is safe to call twice.
     Errors surface as ``trio_websocket.ConnectionClosed``, so code written for
     trio-websocket works.
     """
