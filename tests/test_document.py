@@ -548,6 +548,33 @@ def test_document_from_snapshot_behaves_like_the_original(
 
 
 @FRAMES
+@given(frame_lists, frame_lists, frame_lists)
+def test_a_snapshot_in_steps_is_the_snapshot_at_its_last_step(
+    first: list[list[dict[str, Any]]],
+    between: list[list[dict[str, Any]]],
+    after: list[list[dict[str, Any]]],
+) -> None:
+    """Frames applied between the two copies are in it, key order included; frames
+    applied after it are not; two copies under way at once do not disturb each other."""
+    doc, _, _ = _run(first)
+    steps, other = doc.snapshot_in_steps(), doc.snapshot_in_steps()
+    assert next(steps) is None and next(other) is None
+    for frame in between:
+        doc.apply(frame)
+    expected = doc.snapshot()
+    snap = next(steps)
+    assert snap == expected
+    assert list(snap.state) == list(expected.state)
+    assert list(snap.timestamps) == list(expected.timestamps)
+    other.close()  # stopped early: leaves nothing behind
+    for frame in after:
+        doc.apply(frame)
+    assert snap == expected
+    steps.close()
+    assert doc._copy_logs == []
+
+
+@FRAMES
 @given(frame_lists, st.integers(1, 5))
 def test_snapshot_encoded_in_parts_is_the_snapshot(
     frames: list[list[dict[str, Any]]], chunk_size: int
