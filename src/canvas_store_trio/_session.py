@@ -131,12 +131,11 @@ class Session:
         self.permissions: Permissions = permissions
         self.metadata = metadata
         self.refresh = refresh
-        self.outbox: collections.deque[bytes] = collections.deque()
+        self.outbox: list[bytes] = []
         self.outbox_bytes = 0
         self.outbox_max_bytes = outbox_max_bytes
         self._pending = pending
         self._flush_queued = False
-        self._step_backlog = 0
         self._raw: RawWriter | None = socket if isinstance(socket, RawWriter) else None
         self._outbox_ready = trio.Event()
         self.close_code: int | None = None
@@ -159,19 +158,17 @@ class Session:
         if self.close_code is not None:
             return
         if not self._flush_queued:  # the first frame of this room step
-            self._step_backlog = self.outbox_bytes + (self._raw.unsent_bytes if self._raw else 0)
-        if self._step_backlog >= self.outbox_max_bytes:
-            self.close(1008, "too slow: outbox full")
-            return
-        self.outbox.append(frame)
-        self.outbox_bytes += len(frame)
-        if not self._flush_queued:
+            backlog = self.outbox_bytes + (self._raw.unsent_bytes if self._raw else 0)
+            if backlog >= self.outbox_max_bytes:
+                self.close(1008, "too slow: outbox full")
+                return
             self._flush_queued = True
             self._pending.append(self)
+        self.outbox.append(frame)
+        self.outbox_bytes += len(frame)
 
     def _take_outbox(self) -> list[bytes]:
-        frames = list(self.outbox)
-        self.outbox.clear()
+        frames, self.outbox = self.outbox, []
         self.outbox_bytes = 0
         return frames
 
