@@ -13,7 +13,7 @@ another thread, while the room keeps applying patches.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -208,7 +208,7 @@ class Document:
         """
         return Snapshot(self.timestamp, dict(self.state), dict(self.timestamps))
 
-    def snapshot_in_steps(self) -> Iterator[Snapshot | None]:
+    def snapshot_in_steps(self) -> Generator[Snapshot | None, None, None]:
         """:meth:`snapshot` in two steps of one dict copy each: yields None after the
         first, then the snapshot, so that a caller on an event loop can let other work
         run in between (each copy of 100k components holds the loop for milliseconds).

@@ -10,6 +10,7 @@ closes the room when it has been empty for ``idle_timeout``, and flushes on the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -278,11 +279,13 @@ class Room:
 
     async def _snapshot_in_steps(self) -> Snapshot:
         """The document's snapshot, with a checkpoint between its two dict copies (each
-        holds the loop for milliseconds at 100k components)."""
+        holds the loop for milliseconds at 100k components). Cancelled in between, the
+        copy is dropped and the document stops tracking it."""
         snapshot = None
-        for snapshot in self.document.snapshot_in_steps():
-            if snapshot is None:
-                await trio.sleep(0)
+        with contextlib.closing(self.document.snapshot_in_steps()) as steps:
+            for snapshot in steps:
+                if snapshot is None:
+                    await trio.sleep(0)
         assert snapshot is not None
         return snapshot
 
