@@ -8,6 +8,7 @@ they share no code and no cleverness with ``_document.py``.
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any
 
 import orjson
@@ -548,30 +549,34 @@ def test_document_from_snapshot_behaves_like_the_original(
 
 
 @FRAMES
-@given(frame_lists, frame_lists, frame_lists)
-def test_a_snapshot_in_steps_is_the_snapshot_at_its_last_step(
-    first: list[list[dict[str, Any]]],
-    between: list[list[dict[str, Any]]],
-    after: list[list[dict[str, Any]]],
+@given(frame_lists, st.lists(frame_lists, max_size=12), st.integers(1, 3))
+def test_encoding_in_steps_gives_the_snapshot_of_its_start_whatever_is_applied_meanwhile(
+    first: list[list[dict[str, Any]]], meanwhile: list[list[list[dict[str, Any]]]], chunk: int
 ) -> None:
-    """Frames applied between the two copies are in it, key order included; frames
-    applied after it are not; two copies under way at once do not disturb each other."""
+    """Frames applied between the pieces are not in it, byte for byte; a second encoding
+    started part-way and one stopped early do not disturb it or leave anything behind."""
     doc, _, _ = _run(first)
-    steps, other = doc.snapshot_in_steps(), doc.snapshot_in_steps()
-    assert next(steps) is None and next(other) is None
-    for frame in between:
-        doc.apply(frame)
-    expected = doc.snapshot()
-    snap = next(steps)
-    assert snap == expected
-    assert list(snap.state) == list(expected.state)
-    assert list(snap.timestamps) == list(expected.timestamps)
-    other.close()  # stopped early: leaves nothing behind
-    for frame in after:
-        doc.apply(frame)
-    assert snap == expected
-    steps.close()
-    assert doc._copy_logs == []
+    expected = encode_snapshot(doc.snapshot())
+    steps = doc.encode_in_steps(chunk)
+    parts = [next(steps)]
+    later: list[bytes] = []
+    abandoned = doc.encode_in_steps(chunk)
+    next(abandoned)
+    for frames in meanwhile:
+        for frame in frames:
+            doc.apply(frame)
+        if len(later) == 0:
+            second = doc.encode_in_steps(chunk)
+            later_expected = encode_snapshot(doc.snapshot())
+            later.append(next(second))
+        parts.extend(itertools.islice(steps, 1))
+    abandoned.close()
+    parts.extend(steps)
+    assert b"".join(parts) == expected
+    if later:
+        later.extend(second)
+        assert b"".join(later) == later_expected
+    assert doc._encodings == []
 
 
 @FRAMES

@@ -48,6 +48,7 @@ from ._storage import IncrementalStorage as IncrementalStorage
 from ._storage import MemoryStorage as MemoryStorage
 from ._storage import Storage as Storage
 from ._storage import StorageError as StorageError
+from ._storage import StreamingStorage as StreamingStorage
 from ._transfer import TransferError as TransferError
 from ._transfer import copy_rooms as copy_rooms
 from ._transfer import export_room as export_room

@@ -26,6 +26,7 @@ Patch = dict[str, Record]
 FieldTimestamps = dict[str, int]
 
 TOMBSTONE: Record = {"_exists": False}
+_MISSING = object()
 
 
 class SnapshotError(ValueError):
@@ -138,8 +139,11 @@ class Document:
     unsaved_keys: set[str] | None = attrs.field(default=None, repr=False)
     """Keys written since :meth:`take_changes` last ran, when tracked (None: not tracked).
     Only rooms on incremental storage track them."""
-    _copy_logs: list[set[str]] = attrs.field(factory=list, init=False, repr=False)
-    """One set per :meth:`snapshot_in_steps` under way: the keys written since it began."""
+    _encodings: list[dict[str, tuple[Any, Any]]] = attrs.field(
+        factory=list, init=False, repr=False
+    )
+    """One map per :meth:`encode_in_steps` under way: each key written since it began,
+    with its record and field timestamps as they were then (``_MISSING`` if absent)."""
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot, *, track_changes: bool = False) -> Document:
@@ -158,20 +162,21 @@ class Document:
         if not has_content(patches):
             return False
         self.timestamp = ts = self.timestamp + 1
-        state, timestamps, unsaved, copy_logs = (
+        state, timestamps, unsaved, encodings = (
             self.state,
             self.timestamps,
             self.unsaved_keys,
-            self._copy_logs,
+            self._encodings,
         )
         for patch in patches:
             for key, value in patch.items():
+                for before in encodings:
+                    if key not in before:
+                        before[key] = (state.get(key, _MISSING), timestamps.get(key, _MISSING))
                 if not merge_entry(state, key, value):
                     continue
                 if unsaved is not None:
                     unsaved.add(key)
-                for written in copy_logs:
-                    written.add(key)
                 if value.get("_exists") is False:
                     # As the Node server does: every field the deleting patch names
                     # gets the deletion's timestamp (the record keeps only _exists).
@@ -208,30 +213,31 @@ class Document:
         """
         return Snapshot(self.timestamp, dict(self.state), dict(self.timestamps))
 
-    def snapshot_in_steps(self) -> Generator[Snapshot | None, None, None]:
-        """:meth:`snapshot` in two steps of one dict copy each: yields None after the
-        first, then the snapshot, so that a caller on an event loop can let other work
-        run in between (each copy of 100k components holds the loop for milliseconds).
+    def encode_in_steps(self, chunk_size: int = 2000) -> Generator[bytes, None, None]:
+        """The snapshot as it is now, encoded as :func:`encode_snapshot_parts` does, but
+        read from the live document a piece at a time instead of copied first.
 
-        The caller may apply frames between the steps. The snapshot is the state as of
-        the last step, exactly as :meth:`snapshot` would have taken it then: keys written
-        in between are copied again (keys are never removed, so nothing else moved).
-        Stopping early (``close()``) leaves no trace.
+        The caller may apply frames between pieces: the bytes are still those of the
+        snapshot at the first piece. Keys are never removed, so the first N keys of the
+        live dicts are the N it had then; the old record and timestamps of any of them
+        written meanwhile are kept aside until this ends. Stopping early (``close()``)
+        leaves no trace. No copy of the state is made, so no piece holds the loop for
+        more than one chunk's encoding.
         """
-        written: set[str] = set()
-        self._copy_logs.append(written)
+        before: dict[str, tuple[Any, Any]] = {}
+        self._encodings.append(before)
+        state, timestamps = self.state, self.timestamps
+        counts = len(state), len(timestamps)
         try:
-            state = dict(self.state)
-            yield None
-            timestamps = dict(self.timestamps)
-            live = self.state
-            for key in itertools.islice(live, len(state), None):  # added in between
-                state[key] = live[key]
-            for key in written:
-                state[key] = live[key]
-            yield Snapshot(self.timestamp, state, timestamps)
+            yield b'{"timestamp":%d,"state":{' % self.timestamp
+            yield from _encode_members(_pieces_as_of(state, counts[0], before, 0, chunk_size))
+            yield b'},"timestamps":{'
+            yield from _encode_members(
+                _pieces_as_of(timestamps, counts[1], before, 1, chunk_size)
+            )
+            yield b"}}"
         finally:
-            self._copy_logs = [log for log in self._copy_logs if log is not written]
+            self._encodings = [log for log in self._encodings if log is not before]
 
     def take_changes(self) -> Changes:
         """The keys written since the last call, as they stand now; then forget them."""
@@ -303,18 +309,44 @@ def encode_snapshot_parts(snapshot: Snapshot, chunk_size: int = 2000) -> Iterato
     the loop for the whole encoding.
     """
     yield b'{"timestamp":%d,"state":{' % snapshot.timestamp
-    yield from _encode_members(snapshot.state, chunk_size)
+    yield from _encode_members(_pieces(snapshot.state, chunk_size))
     yield b'},"timestamps":{'
-    yield from _encode_members(snapshot.timestamps, chunk_size)
+    yield from _encode_members(_pieces(snapshot.timestamps, chunk_size))
     yield b"}}"
 
 
-def _encode_members(mapping: Mapping[str, Any], chunk_size: int) -> Iterator[bytes]:
+def _pieces(mapping: Mapping[str, Any], chunk_size: int) -> Iterator[dict[str, Any]]:
     keys = list(mapping)  # one list, not one tuple per item: less for the collector
     for start in range(0, len(keys), chunk_size):
-        if start:
-            yield b","
-        yield orjson.dumps({key: mapping[key] for key in keys[start : start + chunk_size]})[1:-1]
+        yield {key: mapping[key] for key in keys[start : start + chunk_size]}
+
+
+def _pieces_as_of(
+    live: dict[str, Any],
+    count: int,
+    before: dict[str, tuple[Any, Any]],
+    which: int,
+    chunk_size: int,
+) -> Iterator[dict[str, Any]]:
+    """The first ``count`` keys of ``live`` with their values as they were when ``before``
+    began recording (``which``: 0 for records, 1 for timestamps), a piece at a time."""
+    for start in range(0, count, chunk_size):
+        piece = {}
+        for key in itertools.islice(live, start, min(start + chunk_size, count)):
+            old = before.get(key)
+            piece[key] = live[key] if old is None else old[which]
+        yield piece
+
+
+def _encode_members(pieces: Iterable[dict[str, Any]]) -> Iterator[bytes]:
+    """The members of one JSON object, from its pieces (no braces)."""
+    first = True
+    for piece in pieces:
+        if piece:
+            if not first:
+                yield b","
+            first = False
+            yield orjson.dumps(piece)[1:-1]
 
 
 def decode_snapshot(data: bytes | str) -> Snapshot:

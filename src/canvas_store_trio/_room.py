@@ -49,7 +49,7 @@ from ._session import (
     as_authorize_result,
     close_reason,
 )
-from ._storage import IncrementalStorage, Storage
+from ._storage import IncrementalStorage, Storage, StreamingStorage
 
 logger = logging.getLogger("canvas_store_trio")
 
@@ -262,8 +262,11 @@ class Room:
                     if changes is not None:
                         assert isinstance(self._storage, IncrementalStorage)
                         await self._storage.save_changes(changes)
+                    elif isinstance(self._storage, StreamingStorage):
+                        with contextlib.closing(self.document.encode_in_steps()) as parts:
+                            await self._storage.save_encoded(parts)
                     else:
-                        await self._storage.save(await self._snapshot_in_steps())
+                        await self._storage.save(self.document.snapshot())
                 if scope.cancelled_caught:
                     raise TimeoutError(f"save took over {self._flush_timeout} s")
             except BaseException as exc:
@@ -276,18 +279,6 @@ class Room:
                 return False
             self.save_error = None
             return True
-
-    async def _snapshot_in_steps(self) -> Snapshot:
-        """The document's snapshot, with a checkpoint between its two dict copies (each
-        holds the loop for milliseconds at 100k components). Cancelled in between, the
-        copy is dropped and the document stops tracking it."""
-        snapshot = None
-        with contextlib.closing(self.document.snapshot_in_steps()) as steps:
-            for snapshot in steps:
-                if snapshot is None:
-                    await trio.sleep(0)
-        assert snapshot is not None
-        return snapshot
 
     async def flush(self) -> None:
         """Save now if anything is unsaved. Raise the storage's error if that fails."""

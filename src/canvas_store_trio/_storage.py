@@ -34,6 +34,7 @@ __all__ = [
     "MemoryStorage",
     "Storage",
     "StorageError",
+    "StreamingStorage",
     "room_file_name",
 ]
 
@@ -66,6 +67,21 @@ class IncrementalStorage(Storage, Protocol):
 
     async def save_changes(self, changes: Changes) -> None:
         """Store the changed records and the room timestamp, all or nothing."""
+        ...
+
+
+@runtime_checkable
+class StreamingStorage(Storage, Protocol):
+    """A storage that can also take the snapshot already encoded, a piece at a time.
+
+    The room then never copies its document: it encodes it straight from the live
+    state, keeping aside only what changes meanwhile (:meth:`Document.encode_in_steps`).
+    """
+
+    async def save_encoded(self, parts: Iterable[bytes]) -> None:
+        """Store the snapshot whose encoding (:func:`encode_snapshot_parts`'s format)
+        ``parts`` yields. Take every part before returning, yielding to the event loop
+        between parts; ``parts`` may not be used after this returns."""
         ...
 
 
@@ -286,14 +302,18 @@ class FileStorage:
             raise SnapshotError(f"{self.path} is not a valid snapshot ({exc})") from None
 
     async def save(self, snapshot: Snapshot) -> None:
-        """Encode on the event loop a piece at a time (so a big document never holds it
-        for long), then write, fsync and rename in a worker thread (:class:`FolderWriter`)."""
+        await self.save_encoded(encode_snapshot_parts(snapshot))
+
+    async def save_encoded(self, parts: Iterable[bytes]) -> None:
+        """Take the parts on the event loop, yielding after each (so a big document never
+        holds it for long), then write, fsync and rename in a worker thread
+        (:class:`FolderWriter`)."""
         async with self._lock:
-            parts = []
-            for part in encode_snapshot_parts(snapshot):
-                parts.append(part)
+            taken = []
+            for part in parts:
+                taken.append(part)
                 await trio.sleep(0)
             try:
-                await FolderWriter.of(self.dir).write(self.path, parts)
+                await FolderWriter.of(self.dir).write(self.path, taken)
             except OSError as exc:
                 raise StorageError(f"cannot write {self.path}: {exc.strerror}") from None
