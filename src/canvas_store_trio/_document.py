@@ -5,9 +5,10 @@ Nothing here knows about sockets, tasks or files. Every function takes input tha
 what a malformed value means.
 
 Records are treated as immutable once stored: a write replaces the record (and its
-field-timestamp map) with a new dict instead of editing it in place. That makes
-:meth:`Document.snapshot` a cheap shallow copy that a saver may serialize later, or on
-another thread, while the room keeps applying patches.
+field-timestamp map) with a new dict instead of editing it in place, and keys are
+never removed. That makes :meth:`Document.snapshot` a shallow copy that a saver may
+serialize later, or on another thread, while the room keeps applying patches, and lets
+:meth:`Document.encode_in_steps` encode the document as it was without copying it.
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ class Document:
 
         Records and their timestamps are replaced, never edited in place, so this is two
         shallow dict copies; for 100k components that still takes a few milliseconds
-        (see :meth:`snapshot_in_steps`).
+        (:meth:`encode_in_steps` takes none).
         """
         return Snapshot(self.timestamp, dict(self.state), dict(self.timestamps))
 
