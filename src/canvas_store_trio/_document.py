@@ -230,13 +230,11 @@ class Document:
         state, timestamps = self.state, self.timestamps
         counts = len(state), len(timestamps)
         try:
-            yield b'{"timestamp":%d,"state":{' % self.timestamp
-            yield from _encode_members(_pieces_as_of(state, counts[0], before, 0, chunk_size))
-            yield b'},"timestamps":{'
-            yield from _encode_members(
-                _pieces_as_of(timestamps, counts[1], before, 1, chunk_size)
+            yield from _encode_document(
+                self.timestamp,
+                _pieces_as_of(state, counts[0], before, 0, chunk_size),
+                _pieces_as_of(timestamps, counts[1], before, 1, chunk_size),
             )
-            yield b"}}"
         finally:
             self._encodings = [log for log in self._encodings if log is not before]
 
@@ -309,10 +307,23 @@ def encode_snapshot_parts(snapshot: Snapshot, chunk_size: int = 2000) -> Iterato
     A caller on an event loop can yield between pieces, so a big document never holds
     the loop for the whole encoding.
     """
-    yield b'{"timestamp":%d,"state":{' % snapshot.timestamp
-    yield from _encode_members(_pieces(snapshot.state, chunk_size))
+    return _encode_document(
+        snapshot.timestamp,
+        _pieces(snapshot.state, chunk_size),
+        _pieces(snapshot.timestamps, chunk_size),
+    )
+
+
+def _encode_document(
+    timestamp: int,
+    state_pieces: Iterable[dict[str, Any]],
+    timestamp_pieces: Iterable[dict[str, Any]],
+) -> Iterator[bytes]:
+    """The Node server's file format, from the pieces of its two maps."""
+    yield b'{"timestamp":%d,"state":{' % timestamp
+    yield from _encode_members(state_pieces)
     yield b'},"timestamps":{'
-    yield from _encode_members(_pieces(snapshot.timestamps, chunk_size))
+    yield from _encode_members(timestamp_pieces)
     yield b"}}"
 
 
