@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import attrs
 import orjson
@@ -34,7 +34,7 @@ class SnapshotError(ValueError):
     """A stored snapshot does not have the shape of one. The room refuses to load it."""
 
 
-def is_buffer_delta(value: object) -> bool:
+def is_buffer_delta(value: object) -> TypeGuard[dict[str, Any]]:
     """Whether a field value is a buffer delta (``{"__buf": 1, "len": N, "runs": [...]}``)."""
     if type(value) is not dict:
         return False
@@ -65,7 +65,7 @@ def _materialize(base: Record | None, value: Record) -> Record:
     """A new record: ``base`` with every field of ``value`` written over it."""
     out = dict(base) if base is not None else {}
     for field, field_value in value.items():
-        if is_buffer_delta(field_value):
+        if type(field_value) is dict and is_buffer_delta(field_value):  # no call for scalars
             out[field] = apply_buffer_delta(out.get(field), field_value)
         else:
             out[field] = field_value
@@ -140,9 +140,7 @@ class Document:
     unsaved_keys: set[str] | None = attrs.field(default=None, repr=False)
     """Keys written since :meth:`take_changes` last ran, when tracked (None: not tracked).
     Only rooms on incremental storage track them."""
-    _encodings: list[dict[str, tuple[Any, Any]]] = attrs.field(
-        factory=list, init=False, repr=False
-    )
+    _encodings: list[dict[str, tuple[Any, Any]]] = attrs.field(factory=list, init=False, repr=False)
     """One map per :meth:`encode_in_steps` under way: each key written since it began,
     with its record and field timestamps as they were then (``_MISSING`` if absent)."""
 

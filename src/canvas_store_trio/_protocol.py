@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -230,6 +230,8 @@ def _check_patches(name: str, patches: object, limits: Limits, budget: _Budget) 
                     "invalid-component", f"{_short(key)}: '_exists' must be a boolean"
                 )
             for field, field_value in value.items():
+                if type(field_value) is not dict and type(field_value) is not list:
+                    continue  # a scalar: nothing to check
                 if _deeper_than(field_value, limits.max_depth):
                     raise ProtocolError(
                         "too-deep",
@@ -338,8 +340,7 @@ def _parse_patch_lists(
 # as text. A broadcast is encoded once for every recipient.
 
 
-def encode(frame: Mapping[str, Any]) -> bytes:
-    return orjson.dumps(frame)
+encode: Callable[[Mapping[str, Any]], bytes] = orjson.dumps
 
 
 def ack_frame(message_id: MessageId | None, timestamp: int) -> bytes:

@@ -305,7 +305,7 @@ class WireSocket:
             return False
         self._buffer += data
         delivered = False
-        while poller.is_waiting(fd):
+        while True:
             try:
                 message = self._next_message()
             except _ProtocolViolation as violation:
@@ -320,7 +320,8 @@ class WireSocket:
                 delivered = True
                 poller.call_after_batch(self._after_messages)
             self._on_message(message)
-        return False
+            if not poller.is_waiting(fd):  # the handler ended the session's wait
+                return False
 
     async def until_closed(self) -> None:
         """Read until the peer closes, keeping its messages for :meth:`get_message`.
