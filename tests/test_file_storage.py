@@ -212,3 +212,37 @@ async def test_one_file_that_cannot_be_written_fails_alone(tmp_path: Path) -> No
     assert outcomes["blocked"].startswith(f"cannot write {tmp_path / 'blocked.json'}: ")
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["after.json", "before.json", "blocked.json"]  # no temp file left
+
+
+async def test_a_big_save_lets_other_tasks_run_while_it_is_encoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doc = Document()
+    doc.apply([{f"e{i}/c": {"_exists": True, "text": "x" * 200} for i in range(10_000)}])
+    other_steps = 0
+    steps_before_writing: list[int] = []
+    write = _storage.FolderWriter.write
+
+    async def noting_write(self: _storage.FolderWriter, path: Path, parts: list[bytes]) -> None:
+        steps_before_writing.append(other_steps)
+        await write(self, path, parts)
+
+    monkeypatch.setattr(_storage.FolderWriter, "write", noting_write)
+
+    async def other_task() -> None:
+        nonlocal other_steps
+        while True:
+            other_steps += 1
+            await trio.sleep(0)
+
+    storage = FileStorage(dir=tmp_path, room_id="big")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)
+        await trio.sleep(0)
+        other_steps = 0
+        await storage.save_encoded(doc.encode_in_steps(chunk_size=1000))
+        nursery.cancel_scope.cancel()
+    # 10 pieces of about 240 KB each: the other task ran between them, before the
+    # encoding was handed to the worker thread.
+    assert steps_before_writing[0] >= 9
+    assert await storage.load() == doc.snapshot()

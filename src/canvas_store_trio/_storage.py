@@ -130,6 +130,11 @@ def room_id_from_file_name(name: str) -> str | None:
     return stem if _PLAIN_ROOM_ID.fullmatch(stem) else None
 
 
+YIELD_EVERY_BYTES = 64 * 1024
+""":meth:`FileStorage.save_encoded` yields to the event loop each time this much more of
+the encoding has been taken: about every piece of a big document (a piece of 2000 keys
+is a few hundred KiB), once at most for a room of a few hundred keys."""
+
 _temp_names = itertools.count()
 
 
@@ -305,14 +310,19 @@ class FileStorage:
         await self.save_encoded(encode_snapshot_parts(snapshot))
 
     async def save_encoded(self, parts: Iterable[bytes]) -> None:
-        """Take the parts on the event loop, yielding after each (so a big document never
-        holds it for long), then write, fsync and rename in a worker thread
-        (:class:`FolderWriter`)."""
+        """Take the parts on the event loop, yielding whenever another
+        :data:`YIELD_EVERY_BYTES` have been taken (so a big document never holds it for
+        long, and a small one costs no extra steps), then write, fsync and rename in a
+        worker thread (:class:`FolderWriter`)."""
         async with self._lock:
             taken = []
+            unyielded = 0
             for part in parts:
                 taken.append(part)
-                await trio.sleep(0)
+                unyielded += len(part)
+                if unyielded >= YIELD_EVERY_BYTES:
+                    await trio.sleep(0)
+                    unyielded = 0
             try:
                 await FolderWriter.of(self.dir).write(self.path, taken)
             except OSError as exc:
