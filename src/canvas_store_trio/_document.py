@@ -212,7 +212,7 @@ class Document:
         """
         return Snapshot(self.timestamp, dict(self.state), dict(self.timestamps))
 
-    def encode_in_steps(self, chunk_size: int = 2000) -> Generator[bytes, None, None]:
+    def encode_in_steps(self, chunk_size: int = 1000) -> Generator[bytes, None, None]:
         """The snapshot as it is now, encoded as :func:`encode_snapshot_parts` does, but
         read from the live document a piece at a time instead of copied first.
 
@@ -340,9 +340,16 @@ def _pieces_as_of(
 ) -> Iterator[dict[str, Any]]:
     """The first ``count`` keys of ``live`` with their values as they were when ``before``
     began recording (``which``: 0 for records, 1 for timestamps), a piece at a time."""
+    keys: Iterator[str] = iter(live)
+    size = len(live)
     for start in range(0, count, chunk_size):
+        if len(live) != size:
+            # Keys were added (never removed) since the last piece, which voids the
+            # iterator: a fresh one skips to this piece's start. Otherwise each piece
+            # carries on where the last stopped, as skipping costs more with each piece.
+            keys, size = itertools.islice(live, start, None), len(live)
         piece = {}
-        for key in itertools.islice(live, start, min(start + chunk_size, count)):
+        for key in itertools.islice(keys, min(chunk_size, count - start)):
             old = before.get(key)
             piece[key] = live[key] if old is None else old[which]
         yield piece

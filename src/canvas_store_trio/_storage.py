@@ -130,10 +130,10 @@ def room_id_from_file_name(name: str) -> str | None:
     return stem if _PLAIN_ROOM_ID.fullmatch(stem) else None
 
 
-YIELD_EVERY_BYTES = 64 * 1024
+YIELD_EVERY_BYTES = 32 * 1024
 """:meth:`FileStorage.save_encoded` yields to the event loop each time this much more of
-the encoding has been taken: about every piece of a big document (a piece of 2000 keys
-is a few hundred KiB), once at most for a room of a few hundred keys."""
+the encoding has been taken: after about every piece of a big document (a piece of 1000
+keys is some tens of KiB), not at all for a room of a hundred keys."""
 
 _temp_names = itertools.count()
 
