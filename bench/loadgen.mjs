@@ -227,12 +227,14 @@ async function shapeEdit() {
   // (the Node server can split a room in two when they do).
   const firsts = mine.filter((m) => m.first)
   const rest = mine.filter((m) => !m.first)
+  emit({ event: 'phase', name: 'connect' })
   const tc0 = now()
   const sessions = []
   sessions.push(...(await pool(firsts, concurrency, (m) => connect(m.room, m.client))))
   await barrier('firsts-joined')
   sessions.push(...(await pool(rest, concurrency, (m) => connect(m.room, m.client))))
   const connectS = (now() - tc0) / 1000
+  emit({ event: 'phase', name: 'connected' })
   // Each editor creates its own component.
   await pool(sessions, concurrency, (s) =>
     request(s, { type: 'patch', messageId: `${s.clientId}-0`, documentPatches: [{ [`${s.clientId}/pos`]: { _exists: true, x: 0, y: 0 } }] }),

@@ -182,7 +182,8 @@ def run_loadgen(
 ) -> list[dict[str, Any]]:
     """Run `procs` loadgen processes on one shape; returns their results.
 
-    `on_phase(name)` is called when shard 0 enters a phase ("measure", "done").
+    `on_phase(name)` is called when shard 0 enters a phase ("connect", "connected",
+    "measure", "done").
     """
     barrier = procs > 1
     children = []
@@ -484,7 +485,7 @@ def run_once(
     throttle = args.stall_throttle if shape == "stall" else args.save_throttle
     log = tmp / f"{name}-{run_id}.log"
     server = Server(side, kind, data_dir, log, throttle, args.idle_timeout)
-    profiler = Profiler(server.pid, tmp / f"profile-{name}-{run_id}.txt")
+    profiler = Profiler(server.pid, tmp / f"profile-{name}-{run_id}.txt", args.profile)
     on_phase = profiler.on_phase if args.profile and kind == "trio" else None
     try:
         parts = run_loadgen(server, shape, params, procs, budget, on_phase)
@@ -501,20 +502,27 @@ def run_once(
     return metrics, parts
 
 
-class Profiler:
-    """py-spy on the server, sampling only the measured phase (not connecting, not loading)."""
+PHASE_ENDS = {"measure": "done", "connect": "connected"}
+"""The loadgen phase that ends each phase --profile can sample."""
 
-    def __init__(self, pid: int, out: Path):
+
+class Profiler:
+    """py-spy on the server, sampling one phase: the measured window ("measure", from
+    the loadgen's "measure" to "done") or the editors connecting ("connect", to
+    "connected")."""
+
+    def __init__(self, pid: int, out: Path, phase: str | None):
         self.pid = pid
         self.out = out
+        self.phase = phase or "measure"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def on_phase(self, phase: str) -> None:
-        if phase == "measure" and self.proc is None:
+        if phase == self.phase and self.proc is None:
             cmd = [str(VENV_PY.parent / "py-spy"), "record", "--threads", "--rate", "250"]
             cmd += ["--format", "raw", "--output", str(self.out), "--pid", str(self.pid)]
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        elif phase == "done" and self.proc is not None and self.proc.poll() is None:
+        elif phase == PHASE_ENDS[self.phase] and self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
 
     def stop(self) -> bool:
@@ -644,8 +652,11 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write every raw number here")
     ap.add_argument(
         "--profile",
-        action="store_true",
-        help="sample ours with py-spy during each run and print the hot spots "
+        nargs="?",
+        const="measure",
+        choices=["measure", "connect"],
+        help="sample ours with py-spy during each run's measured window (or, with "
+        "'connect', while the edit shapes' editors connect) and print the hot spots "
         "(perturbs the numbers: use for diagnosis, not for the table)",
     )
     ap.add_argument("--verbose", action="store_true", help="print every loadgen result")

@@ -12,11 +12,15 @@ import trio
 from canvas_store_trio import (
     AuthorizeInfo,
     AuthorizeResult,
+    IncrementalStorage,
     Limits,
     MemoryStorage,
     RoomManager,
     Snapshot,
+    Storage,
+    StreamingStorage,
 )
+from canvas_store_trio._session import implements
 
 from .conftest import connect, frames_of
 
@@ -333,3 +337,18 @@ async def test_frames_sent_before_the_session_is_ready_are_kept_in_order(
     assert [f["type"] for f in frames] == ["clientCount", "patch", "synced", "ack", "ack"]
     assert [f.get("messageId") for f in frames_of(frames, "ack")] == ["m1", "m2"]
     assert frames_of(frames, "ack")[-1]["timestamp"] == 3
+
+
+def test_implements_answers_like_isinstance_for_each_class() -> None:
+    class Streaming:
+        async def load(self) -> None: ...
+        async def save(self, snapshot: object) -> None: ...
+        async def save_encoded(self, parts: object) -> None: ...
+
+    class Plain:
+        async def load(self) -> None: ...
+        async def save(self, snapshot: object) -> None: ...
+
+    for obj in (Streaming(), Plain(), Streaming(), Plain(), MemoryStorage()):
+        for protocol in (StreamingStorage, IncrementalStorage, Storage):
+            assert implements(obj, protocol) == isinstance(obj, protocol), (obj, protocol)

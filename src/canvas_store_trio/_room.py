@@ -15,7 +15,7 @@ import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import trio
@@ -48,6 +48,7 @@ from ._session import (
     TokenRefresh,
     as_authorize_result,
     close_reason,
+    implements,
 )
 from ._storage import IncrementalStorage, Storage, StreamingStorage
 
@@ -97,14 +98,20 @@ class Room:
         self.room_id = room_id
         self.limits = limits or Limits()
         self._storage = storage
-        self._incremental = isinstance(storage, IncrementalStorage)
+        # The storage's protocols, checked once: a plain isinstance on a Protocol is slow.
+        self._incremental = (
+            cast(IncrementalStorage, storage) if implements(storage, IncrementalStorage) else None
+        )
+        self._streaming = (
+            cast(StreamingStorage, storage) if implements(storage, StreamingStorage) else None
+        )
         self._save_throttle = save_throttle
         self._idle_timeout = idle_timeout
         self._flush_timeout = flush_timeout
         self._on_session_removed = on_session_removed
         self._on_document_patch = on_document_patch
         self._on_token_refresh = on_token_refresh
-        self.document = Document(unsaved_keys=set() if self._incremental else None)
+        self.document = Document(unsaved_keys=set() if self._incremental is not None else None)
         self.ephemeral = EphemeralState()
         self._sessions: dict[str, Session] = {}
         self._unflushed: list[Session] = []
@@ -172,7 +179,9 @@ class Room:
         if self._storage is not None:
             snapshot = await self._storage.load()
             if snapshot is not None:
-                self.document = Document.from_snapshot(snapshot, track_changes=self._incremental)
+                self.document = Document.from_snapshot(
+                    snapshot, track_changes=self._incremental is not None
+                )
 
     async def wait_ready(self) -> None:
         """Wait until the room has loaded (or failed to: see :attr:`load_error`)."""
@@ -256,15 +265,15 @@ class Room:
             if not self._unsaved.is_set():
                 return True
             self._unsaved = trio.Event()
-            changes = self.document.take_changes() if self._incremental else None
+            incremental = self._incremental
+            changes = self.document.take_changes() if incremental is not None else None
             try:
                 with trio.move_on_after(self._flush_timeout) as scope:
-                    if changes is not None:
-                        assert isinstance(self._storage, IncrementalStorage)
-                        await self._storage.save_changes(changes)
-                    elif isinstance(self._storage, StreamingStorage):
+                    if incremental is not None and changes is not None:
+                        await incremental.save_changes(changes)
+                    elif self._streaming is not None:
                         with contextlib.closing(self.document.encode_in_steps()) as parts:
-                            await self._storage.save_encoded(parts)
+                            await self._streaming.save_encoded(parts)
                     else:
                         await self._storage.save(self.document.snapshot())
                 if scope.cancelled_caught:
@@ -374,9 +383,11 @@ class Room:
 
     async def _read_frames(self, session: Session, socket: MessageSocket) -> None:
         try:
-            if isinstance(socket, PushSocket):
+            if implements(socket, PushSocket):
                 on_message = functools.partial(self._handle_frame, session)
-                await socket.deliver_messages(on_message, after_messages=self._flush)
+                await cast(PushSocket, socket).deliver_messages(
+                    on_message, after_messages=self._flush
+                )
             else:
                 while True:
                     self.handle_frame(session, await socket.get_message())

@@ -6,7 +6,7 @@ import collections
 import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 import attrs
 import cattrs
@@ -58,6 +58,21 @@ class PushSocket(Protocol):
 
 
 PERMISSIONS: tuple[Permissions, ...] = ("readwrite", "readonly")
+
+
+def implements(obj: object, protocol: type) -> bool:
+    """``isinstance(obj, protocol)`` for a runtime-checkable Protocol, decided for the
+    first object of each class and remembered: the plain check walks the protocol's
+    members every time (tens of microseconds, paid per connection and per save). Our
+    protocols are met by a class's methods, never by one instance's attributes."""
+    key = (type(obj), protocol)
+    known = _implements.get(key)
+    if known is None:
+        known = _implements[key] = isinstance(obj, protocol)
+    return known
+
+
+_implements: dict[tuple[type, type], bool] = {}
 
 
 @attrs.frozen
@@ -136,7 +151,7 @@ class Session:
         self.outbox_max_bytes = outbox_max_bytes
         self._pending = pending
         self._flush_queued = False
-        self._raw: RawWriter | None = socket if isinstance(socket, RawWriter) else None
+        self._raw = cast(RawWriter, socket) if implements(socket, RawWriter) else None
         self._outbox_ready = trio.Event()
         self.close_code: int | None = None
         self.close_reason = ""
