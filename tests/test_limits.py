@@ -23,6 +23,7 @@ import pytest
 import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, open_websocket_url
+from wsproto.events import CloseConnection, Ping
 
 from canvas_store_trio import Limits, RoomManager, _room, serve_connection
 from canvas_store_trio._cli import build_parser, limits_from
@@ -614,6 +615,42 @@ async def test_a_peer_that_never_answers_pings_is_dropped(
         # What the dead one would read: pings, then a close (1001) after the timeout.
         event = await dead.close_event(timeout=10)
         assert event.code in (1001, 1006)
+
+
+@pytest.mark.parametrize("transport", ["wire", "trio-websocket"])
+async def test_a_peer_slower_to_pong_than_the_ping_interval_stays(
+    transport: str, autojump_clock: Any
+) -> None:
+    """Each pong comes 3 s after its ping, pings are due every 2 s, and the timeout is 7 s:
+    the room waits for each pong before the next ping, so the peer is never dropped."""
+    limits = Limits(ping_interval=2.0, ping_timeout=7.0)
+    async with (
+        manager_with(limits) as manager,
+        raw_session(manager, "roomId=r&clientId=slow", transport=transport) as slow,
+        trio.open_nursery() as nursery,
+    ):
+        pongs = 0
+
+        async def pong_later(ping: Ping) -> None:
+            nonlocal pongs
+            await trio.sleep(3)
+            await slow.stream.send_all(slow.ws.send(ping.response()))
+            pongs += 1
+
+        async def answer_slowly() -> None:
+            while True:
+                event = await slow.next_event(timeout=1000)
+                if isinstance(event, CloseConnection):
+                    return
+                if isinstance(event, Ping):
+                    nursery.start_soon(pong_later, event)
+
+        nursery.start_soon(answer_slowly)
+        await trio.sleep(60)
+        room = manager.get_existing_room("r")
+        assert room is not None and [s.client_id for s in room.get_sessions()] == ["slow"]
+        assert 10 <= pongs <= 16  # one ping every 4 s at most: 2 s wait, then 3 s for the pong
+        nursery.cancel_scope.cancel()
 
 
 # --- the CLI sets every limit ------------------------------------------------------------

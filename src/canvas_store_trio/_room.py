@@ -165,6 +165,8 @@ class Room:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._saver)
+                if self.limits.ping_interval is not None:
+                    nursery.start_soon(self._keep_alive)
                 await self._wait_until_idle_or_closed()
                 nursery.cancel_scope.cancel()
         finally:
@@ -371,8 +373,6 @@ class Room:
                 async with trio.open_nursery() as nursery:
                     session.nursery = nursery
                     nursery.start_soon(session.run_writer)
-                    if self.limits.ping_interval is not None:
-                        nursery.start_soon(self._keep_alive, session, socket)
                     await self._read_frames(session, socket)
                     session.close(1000, "")
         finally:
@@ -394,25 +394,36 @@ class Room:
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
-    async def _keep_alive(self, session: Session, socket: MessageSocket) -> None:
-        """Ping every ``ping_interval``; drop the session if a pong takes too long."""
+    async def _keep_alive(self) -> None:
+        """Every ``ping_interval``, ping each session not still waiting for its last pong.
+
+        One task and one timer per room, not per session: each ping runs in its
+        session's nursery, so it ends with the session.
+        """
         assert self.limits.ping_interval is not None
-        try:
-            while True:
-                await trio.sleep(self.limits.ping_interval)
-                with trio.move_on_after(self.limits.ping_timeout):
-                    await socket.ping()
-                    continue
-                logger.info(
-                    "room %r: client %r dropped: no pong within %g s",
-                    self.room_id,
-                    session.client_id,
-                    self.limits.ping_timeout,
-                )
-                session.close(1001, "ping timeout")
-                return
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        while True:
+            await trio.sleep(self.limits.ping_interval)
+            for session in self._sessions.values():
+                if session.nursery is not None and not session.pinging:
+                    session.pinging = True
+                    session.nursery.start_soon(self._ping, session)
+
+    async def _ping(self, session: Session) -> None:
+        """Ping once; drop the session if the pong takes over ``ping_timeout``."""
+        with trio.move_on_after(self.limits.ping_timeout) as scope:
+            with contextlib.suppress(
+                ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError
+            ):
+                await session.socket.ping()
+        session.pinging = False
+        if scope.cancelled_caught:
+            logger.info(
+                "room %r: client %r dropped: no pong within %g s",
+                self.room_id,
+                session.client_id,
+                self.limits.ping_timeout,
+            )
+            session.close(1001, "ping timeout")
 
     @staticmethod
     async def _close_socket(session: Session, socket: MessageSocket) -> None:

@@ -157,6 +157,8 @@ class Session:
         self.close_reason = ""
         self.cancel_scope = trio.CancelScope()
         self.nursery: trio.Nursery | None = None
+        self.pinging = False
+        """A keep-alive ping is waiting for its pong (the room sends one at a time)."""
         self.refused: collections.deque[float] = collections.deque()
         self.rate_tokens = math.inf
         self.rate_checked = 0.0
