@@ -372,9 +372,14 @@ class Room:
             with session.cancel_scope:
                 async with trio.open_nursery() as nursery:
                     session.nursery = nursery
-                    nursery.start_soon(session.run_writer)
-                    await self._read_frames(session, socket)
-                    session.close(1000, "")
+                    try:
+                        nursery.start_soon(session.run_writer)
+                        await self._read_frames(session, socket)
+                        session.close(1000, "")
+                    finally:
+                        # Nothing new starts in a nursery on its way out: the keep-alive
+                        # could otherwise meet it closed before the session leaves the room.
+                        session.nursery = None
         finally:
             self._remove_session(session)
             with trio.CancelScope(shield=True) as scope:
