@@ -81,7 +81,8 @@ class StreamingStorage(Storage, Protocol):
     async def save_encoded(self, parts: Iterable[bytes]) -> None:
         """Store the snapshot whose encoding (:func:`encode_snapshot_parts`'s format)
         ``parts`` yields. Take every part before returning, yielding to the event loop
-        between parts; ``parts`` may not be used after this returns."""
+        often enough that a big document never holds it for long (each part is encoded
+        as it is taken); ``parts`` may not be used after this returns."""
         ...
 
 
