@@ -24,9 +24,9 @@ from typing import Any
 
 import trio
 
-from canvas_store_trio._room import Room
-from canvas_store_trio._session import Session
-from canvas_store_trio._wire import HttpRequest, WireSocket
+from canvas_store_trio.rooms._room import Room
+from canvas_store_trio.rooms._session import Session
+from canvas_store_trio.transport._wire import HttpRequest, WireSocket
 
 BATCH = 1024
 

@@ -20,7 +20,7 @@ import time
 import trio
 
 from canvas_store_trio import FileStorage
-from canvas_store_trio._room import Room
+from canvas_store_trio.rooms._room import Room
 
 
 class LongestStep(trio.abc.Instrument):

@@ -36,10 +36,10 @@ from typing import Any
 
 import trio
 
+from canvas_store_trio import FileStorage, StorageError
 from canvas_store_trio._document import Document
-from canvas_store_trio._postgres import PostgresDatabase
-from canvas_store_trio._sqlite import SQLiteDatabase
-from canvas_store_trio._storage import FileStorage, StorageError
+from canvas_store_trio.storage._postgres import PostgresDatabase
+from canvas_store_trio.storage._sqlite import SQLiteDatabase
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -24,8 +24,8 @@ from trio_websocket import (
 )
 
 from canvas_store_trio import Authorize, RoomManager, serve_connection
-from canvas_store_trio._connection import HandshakeRequest
-from canvas_store_trio._wire import serve_wire_stream
+from canvas_store_trio.rooms._connection import HandshakeRequest
+from canvas_store_trio.transport._wire import serve_wire_stream
 
 NODE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "node")
 

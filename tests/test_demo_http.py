@@ -13,9 +13,9 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from canvas_store_trio import _wire
-from canvas_store_trio._demo_http import DemoNotBuiltError, demo_http_handler, page_url
-from canvas_store_trio._listener import serve_websockets
+from canvas_store_trio.cli._demo_page import DemoNotBuiltError, demo_http_handler, page_url
+from canvas_store_trio.transport import _wire
+from canvas_store_trio.transport._listener import serve_websockets
 
 
 @pytest.fixture

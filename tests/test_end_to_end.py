@@ -14,7 +14,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from canvas_store_trio._cli import build_parser, serve
+from canvas_store_trio.cli._main import build_parser, serve
 
 from .conftest import Client
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from canvas_store_trio import Document, FileStorage, Snapshot, SnapshotError, StorageError, _storage
-from canvas_store_trio._storage import room_file_name, room_id_from_file_name
+from canvas_store_trio import Document, FileStorage, Snapshot, SnapshotError, StorageError
+from canvas_store_trio.storage import _files as _storage
+from canvas_store_trio.storage._files import room_file_name, room_id_from_file_name
 
 NODE_FILE = Path(__file__).parent / "data" / "node-room.json"
 

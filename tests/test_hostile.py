@@ -41,8 +41,9 @@ from wsproto.events import (
     TextMessage,
 )
 
-from canvas_store_trio import _wire, decode_snapshot
-from canvas_store_trio._cli import build_parser, serve
+from canvas_store_trio import decode_snapshot
+from canvas_store_trio.cli._main import build_parser, serve
+from canvas_store_trio.transport import _wire
 
 from .conftest import Client
 

@@ -25,11 +25,12 @@ import trio.testing
 from trio_websocket import ConnectionClosed, open_websocket_url
 from wsproto.events import CloseConnection, Ping
 
-from canvas_store_trio import Limits, RoomManager, _room, serve_connection
-from canvas_store_trio._cli import build_parser, limits_from
-from canvas_store_trio._listener import serve_websocket_stream
-from canvas_store_trio._session import Session
-from canvas_store_trio._wire import serve_wire_stream
+from canvas_store_trio import Limits, RoomManager, serve_connection
+from canvas_store_trio.cli._main import build_parser, limits_from
+from canvas_store_trio.rooms import _room
+from canvas_store_trio.rooms._session import Session
+from canvas_store_trio.transport._listener import serve_websocket_stream
+from canvas_store_trio.transport._wire import serve_wire_stream
 
 from .conftest import Client, connect, frames_of
 from .test_hostile import RawWebSocket, start_server, ws_client

@@ -15,8 +15,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from canvas_store_trio._poller import ReadPoller, open_read_poller
-from canvas_store_trio._wire import HttpRequest, WireSocket
+from canvas_store_trio.transport._poller import ReadPoller, open_read_poller
+from canvas_store_trio.transport._wire import HttpRequest, WireSocket
 
 from .test_hostile import mask_frame
 

@@ -20,7 +20,7 @@ from canvas_store_trio import (
     Storage,
     StreamingStorage,
 )
-from canvas_store_trio._session import implements
+from canvas_store_trio.rooms._session import implements
 
 from .conftest import connect, frames_of
 

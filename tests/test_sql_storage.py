@@ -20,10 +20,10 @@ from canvas_store_trio import (
     SnapshotError,
     StorageError,
 )
-from canvas_store_trio._backends import StorageBackend
-from canvas_store_trio._postgres import PostgresDatabase, _from_pg, _to_pg
-from canvas_store_trio._sql import MIGRATIONS_TABLE, RECORDS_TABLE, SCHEMA_VERSION
-from canvas_store_trio._sqlite import SQLiteDatabase
+from canvas_store_trio.storage._backends import StorageBackend
+from canvas_store_trio.storage._postgres import PostgresDatabase, _from_pg, _to_pg
+from canvas_store_trio.storage._sql import MIGRATIONS_TABLE, RECORDS_TABLE, SCHEMA_VERSION
+from canvas_store_trio.storage._sqlite import SQLiteDatabase
 
 from .conftest import connect
 from .storage_helpers import new_document, postgres_schema

@@ -30,9 +30,9 @@ from canvas_store_trio import (
     StorageError,
     encode_snapshot,
 )
-from canvas_store_trio._backends import FileBackend, MemoryBackend, StorageBackend
-from canvas_store_trio._postgres import PostgresDatabase
-from canvas_store_trio._sqlite import SQLiteDatabase
+from canvas_store_trio.storage._backends import FileBackend, MemoryBackend, StorageBackend
+from canvas_store_trio.storage._postgres import PostgresDatabase
+from canvas_store_trio.storage._sqlite import SQLiteDatabase
 
 from .storage_helpers import (
     ODD_VALUES,
@@ -277,17 +277,17 @@ async def test_concurrent_saves_to_one_room_are_never_seen_half_done(
 CHILD = """
 import os, sys, trio
 sys.path.insert(0, {src!r})
-import canvas_store_trio._postgres, canvas_store_trio._sqlite
+import canvas_store_trio.storage._postgres, canvas_store_trio.storage._sqlite
 from canvas_store_trio import Changes, RecordChange, decode_snapshot
-from canvas_store_trio._backends import FileBackend
-from canvas_store_trio._postgres import PostgresDatabase
-from canvas_store_trio._sqlite import SQLiteDatabase
+from canvas_store_trio.storage._backends import FileBackend
+from canvas_store_trio.storage._postgres import PostgresDatabase
+from canvas_store_trio.storage._sqlite import SQLiteDatabase
 
 def die(*args):
     os._exit(17)  # killed at the last moment: after every write, before the commit
 
-canvas_store_trio._postgres._commit = die
-canvas_store_trio._sqlite._commit = die
+canvas_store_trio.storage._postgres._commit = die
+canvas_store_trio.storage._sqlite._commit = die
 os.replace = die  # FileStorage: the temp file is written, the rename never happens
 
 async def main():
@@ -358,21 +358,21 @@ async def test_a_failed_commit_raises_storage_error_and_keeps_the_previous_state
 
         monkeypatch.setattr(os, "replace", fail)
     elif harness.kind == "SQLiteStorage":
-        import canvas_store_trio._sqlite
+        import canvas_store_trio.storage._sqlite
 
         def fail_sqlite(conn: object) -> None:
             raise sqlite3.OperationalError("disk I/O error")
 
-        monkeypatch.setattr(canvas_store_trio._sqlite, "_commit", fail_sqlite)
+        monkeypatch.setattr(canvas_store_trio.storage._sqlite, "_commit", fail_sqlite)
     else:
         import psycopg
 
-        import canvas_store_trio._postgres
+        import canvas_store_trio.storage._postgres
 
         def fail_postgres(conn: object) -> None:
             raise psycopg.OperationalError("server closed the connection unexpectedly")
 
-        monkeypatch.setattr(canvas_store_trio._postgres, "_commit", fail_postgres)
+        monkeypatch.setattr(canvas_store_trio.storage._postgres, "_commit", fail_postgres)
 
     doc.apply([{"e/c": {"v": 2}, "f/c": {"_exists": True}}])
     changes = doc.take_changes()

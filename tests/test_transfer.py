@@ -21,15 +21,15 @@ import trio
 from trio_websocket import open_websocket_url
 
 from canvas_store_trio import Snapshot, decode_snapshot, encode_snapshot
-from canvas_store_trio._backends import (
+from canvas_store_trio.storage._backends import (
     FileBackend,
     MemoryBackend,
     StorageBackend,
     open_storage_backend,
 )
-from canvas_store_trio._postgres import PostgresDatabase
-from canvas_store_trio._sqlite import SQLiteDatabase
-from canvas_store_trio._transfer import (
+from canvas_store_trio.storage._postgres import PostgresDatabase
+from canvas_store_trio.storage._sqlite import SQLiteDatabase
+from canvas_store_trio.storage._transfer import (
     TransferError,
     add_transfer_commands,
     copy_rooms,

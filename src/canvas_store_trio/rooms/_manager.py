@@ -10,7 +10,8 @@ from typing import Any
 
 import trio
 
-from ._protocol import Limits
+from .._protocol import Limits
+from ..storage._base import Storage
 from ._room import (
     DocumentPatchHook,
     MessageSocket,
@@ -20,7 +21,6 @@ from ._room import (
     TokenRefreshHook,
 )
 from ._session import Permissions, SessionInfo, TokenRefresh
-from ._storage import Storage
 
 logger = logging.getLogger("canvas_store_trio")
 

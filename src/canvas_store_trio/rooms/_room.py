@@ -10,7 +10,6 @@ closes the room when it has been empty for ``idle_timeout``, and flushes on the 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -21,8 +20,8 @@ import orjson
 import trio
 from trio_websocket import ConnectionClosed
 
-from ._document import Document, EphemeralState, Patch, Snapshot, has_content
-from ._protocol import (
+from .._document import EphemeralState, Patch, Snapshot, has_content
+from .._protocol import (
     AuthRefreshMessage,
     Limits,
     PatchMessage,
@@ -38,6 +37,9 @@ from ._protocol import (
     synced_frame,
     version_mismatch_frame,
 )
+from ..storage._base import Storage
+from ._keepalive import keep_alive
+from ._saver import Saver
 from ._session import (
     AuthorizeResult,
     MessageSocket,
@@ -50,7 +52,6 @@ from ._session import (
     close_reason,
     implements,
 )
-from ._storage import IncrementalStorage, Storage, StreamingStorage
 
 logger = logging.getLogger("canvas_store_trio")
 
@@ -97,35 +98,24 @@ class Room:
     ) -> None:
         self.room_id = room_id
         self.limits = limits or Limits()
-        self._storage = storage
-        # The storage's protocols, checked once: a plain isinstance on a Protocol is slow.
-        self._incremental = (
-            cast(IncrementalStorage, storage) if implements(storage, IncrementalStorage) else None
+        self.saver = Saver(
+            room_id, storage, save_throttle=save_throttle, flush_timeout=flush_timeout
         )
-        self._streaming = (
-            cast(StreamingStorage, storage) if implements(storage, StreamingStorage) else None
-        )
-        self._save_throttle = save_throttle
         self._idle_timeout = idle_timeout
-        self._flush_timeout = flush_timeout
         self._on_session_removed = on_session_removed
         self._on_document_patch = on_document_patch
         self._on_token_refresh = on_token_refresh
-        self.document = Document(unsaved_keys=set() if self._incremental is not None else None)
+        self.document = self.saver.document
         self.ephemeral = EphemeralState()
         self._sessions: dict[str, Session] = {}
         self._unflushed: list[Session] = []
         """Sessions with queued frames, written out by :meth:`_flush` after each event."""
         self._accepting = False
-        self._unsaved = trio.Event()
-        self._save_lock = trio.Lock()
         self._idle_scope = trio.CancelScope()
         self._close_requested = trio.Event()
         self._ready = trio.Event()
         self._closed = trio.Event()
         self.load_error: BaseException | None = None
-        self.save_error: BaseException | None = None
-        """The last save failure, or None once a save succeeds."""
 
     # --- lifetime ------------------------------------------------------------------
 
@@ -141,7 +131,12 @@ class Room:
     @property
     def unsaved(self) -> bool:
         """Whether the document has changes that storage does not have yet."""
-        return self._unsaved.is_set()
+        return self.saver.unsaved
+
+    @property
+    def save_error(self) -> BaseException | None:
+        """The last save failure, or None once a save succeeds."""
+        return self.saver.error
 
     async def run(self, on_closed: Callable[[Room], None] | None = None) -> None:
         """Load, serve until idle or closed, then flush. The room's one task.
@@ -151,7 +146,7 @@ class Room:
         its sessions and runs the final flush shielded, for at most ``flush_timeout``.
         """
         try:
-            await self._load()
+            self.document = await self.saver.load()
         except Exception as exc:
             logger.error("room %r refused: its snapshot could not be loaded: %s", self.room_id, exc)
             self.load_error = exc
@@ -164,26 +159,26 @@ class Room:
         self._ready.set()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._saver)
+                nursery.start_soon(self.saver.run)
                 if self.limits.ping_interval is not None:
-                    nursery.start_soon(self._keep_alive)
+                    nursery.start_soon(
+                        functools.partial(
+                            keep_alive,
+                            self.room_id,
+                            self._sessions,
+                            interval=self.limits.ping_interval,
+                            timeout=self.limits.ping_timeout,
+                        )
+                    )
                 await self._wait_until_idle_or_closed()
                 nursery.cancel_scope.cancel()
         finally:
             self._stop_accepting()
             with trio.CancelScope(shield=True):
-                await self._final_flush()
+                await self.saver.flush_quietly()
             self._closed.set()
             if on_closed:
                 on_closed(self)
-
-    async def _load(self) -> None:
-        if self._storage is not None:
-            snapshot = await self._storage.load()
-            if snapshot is not None:
-                self.document = Document.from_snapshot(
-                    snapshot, track_changes=self._incremental is not None
-                )
 
     async def wait_ready(self) -> None:
         """Wait until the room has loaded (or failed to: see :attr:`load_error`)."""
@@ -218,7 +213,7 @@ class Room:
             if not self._sessions:
                 # Save before closing; a room whose save fails stays open (and keeps
                 # retrying) rather than forgetting its acked edits.
-                if not await self._save():
+                if not await self.saver.save():
                     logger.warning(
                         "room %r stays open: its changes could not be saved (%s)",
                         self.room_id,
@@ -238,74 +233,9 @@ class Room:
         else:
             self._idle_scope.deadline = trio.current_time() + self._idle_timeout
 
-    # --- saving --------------------------------------------------------------------
-
-    def _mark_unsaved(self) -> None:
-        self._unsaved.set()
-
-    async def _saver(self) -> None:
-        while True:
-            await self._unsaved.wait()
-            await trio.sleep(self._save_throttle)
-            delay = 1.0
-            while not await self._save():
-                logger.warning(
-                    "room %r: save failed (%s); retrying in %g s, nothing is lost",
-                    self.room_id,
-                    self.save_error,
-                    delay,
-                )
-                await trio.sleep(delay)
-                delay = min(delay * 2, 60.0)
-
-    async def _save(self) -> bool:
-        """Write what is unsaved. Return False (and keep it unsaved) if storage fails."""
-        if self._storage is None:
-            self._unsaved = trio.Event()
-            return True
-        async with self._save_lock:
-            if not self._unsaved.is_set():
-                return True
-            self._unsaved = trio.Event()
-            incremental = self._incremental
-            changes = self.document.take_changes() if incremental is not None else None
-            try:
-                with trio.move_on_after(self._flush_timeout) as scope:
-                    if incremental is not None and changes is not None:
-                        await incremental.save_changes(changes)
-                    elif self._streaming is not None:
-                        with contextlib.closing(self.document.encode_in_steps()) as parts:
-                            await self._streaming.save_encoded(parts)
-                    else:
-                        await self._storage.save(self.document.snapshot())
-                if scope.cancelled_caught:
-                    raise TimeoutError(f"save took over {self._flush_timeout} s")
-            except BaseException as exc:
-                if changes is not None:
-                    self.document.restore_changes(changes)
-                self._unsaved.set()
-                if not isinstance(exc, Exception):
-                    raise
-                self.save_error = exc
-                return False
-            self.save_error = None
-            return True
-
     async def flush(self) -> None:
         """Save now if anything is unsaved. Raise the storage's error if that fails."""
-        if not await self._save():
-            assert self.save_error is not None
-            raise self.save_error
-
-    async def _final_flush(self) -> None:
-        with trio.move_on_after(self._flush_timeout):
-            if await self._save():
-                return
-        logger.error(
-            "room %r closed with unsaved changes: %s",
-            self.room_id,
-            self.save_error or f"flush took over {self._flush_timeout} s",
-        )
+        await self.saver.flush()
 
     def get_snapshot(self) -> Snapshot:
         return self.document.snapshot()
@@ -398,37 +328,6 @@ class Room:
                     self.handle_frame(session, await socket.get_message())
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-
-    async def _keep_alive(self) -> None:
-        """Every ``ping_interval``, ping each session not still waiting for its last pong.
-
-        One task and one timer per room, not per session: each ping runs in its
-        session's nursery, so it ends with the session.
-        """
-        assert self.limits.ping_interval is not None
-        while True:
-            await trio.sleep(self.limits.ping_interval)
-            for session in self._sessions.values():
-                if session.nursery is not None and not session.pinging:
-                    session.pinging = True
-                    session.nursery.start_soon(self._ping, session)
-
-    async def _ping(self, session: Session) -> None:
-        """Ping once; drop the session if the pong takes over ``ping_timeout``."""
-        with trio.move_on_after(self.limits.ping_timeout) as scope:
-            with contextlib.suppress(
-                ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError
-            ):
-                await session.socket.ping()
-        session.pinging = False
-        if scope.cancelled_caught:
-            logger.info(
-                "room %r: client %r dropped: no pong within %g s",
-                self.room_id,
-                session.client_id,
-                self.limits.ping_timeout,
-            )
-            session.close(1001, "ping timeout")
 
     @staticmethod
     async def _close_socket(session: Session, socket: MessageSocket) -> None:
@@ -602,7 +501,7 @@ class Room:
         if frame is not None:
             self._broadcast(frame, exclude=session)
         if will_change:
-            self._mark_unsaved()
+            self.saver.mark_unsaved()
             if self._on_document_patch:
                 self._on_document_patch(self, document_patches)
 

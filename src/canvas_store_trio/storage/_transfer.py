@@ -21,15 +21,15 @@ from pathlib import Path
 import attrs
 import trio
 
-from ._backends import StorageBackend
-from ._document import (
+from .._document import (
     Snapshot,
     SnapshotError,
     decode_snapshot,
     encode_snapshot,
     encode_snapshot_parts,
 )
-from ._storage import room_file_name, room_id_from_file_name, write_file_atomically
+from ._backends import StorageBackend
+from ._files import room_file_name, room_id_from_file_name, write_file_atomically
 
 __all__ = [
     "TransferError",

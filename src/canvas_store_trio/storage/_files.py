@@ -1,13 +1,7 @@
-"""Where rooms keep their snapshots: the ``Storage`` protocol and the built-in backends.
+"""Rooms kept as files: one ``<room>.json`` snapshot each, in the Node server's format.
 
-A room calls ``load()`` once before it serves anyone, and ``save(snapshot)`` from its
-saver task (throttled) and when it closes. A room never runs two saves of its own at
-once. Backends may do blocking I/O only through ``trio.to_thread``.
-
-A backend that can store a change without rewriting the whole document also implements
-``save_changes(changes)`` (:class:`IncrementalStorage`); the room then hands it only the
-keys written since the last save. Backends that only know whole snapshots (memory,
-files, a user's own class) keep working unchanged.
+Every file is written to a temp file, fsynced and renamed; one worker thread per folder
+(:class:`FolderWriter`) writes each batch of saves and fsyncs the folder once for all.
 """
 
 from __future__ import annotations
@@ -20,83 +14,15 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import attrs
 import outcome
 import trio
 
-from ._document import Changes, Snapshot, SnapshotError, decode_snapshot, encode_snapshot_parts
+from .._document import Snapshot, SnapshotError, decode_snapshot, encode_snapshot_parts
+from ._base import StorageError
 
-__all__ = [
-    "FileStorage",
-    "IncrementalStorage",
-    "MemoryStorage",
-    "Storage",
-    "StorageError",
-    "StreamingStorage",
-    "room_file_name",
-]
-
-
-class StorageError(Exception):
-    """A backend could not read or write. The message says which room and why."""
-
-
-@runtime_checkable
-class Storage(Protocol):
-    """Loads and saves one room's snapshot."""
-
-    async def load(self) -> Snapshot | None:
-        """The stored snapshot, or None for a room that was never saved.
-
-        Raise (:class:`StorageError`, :class:`SnapshotError`, anything) when the data
-        exists but cannot be read: the room then refuses to start instead of starting
-        empty and overwriting it.
-        """
-        ...
-
-    async def save(self, snapshot: Snapshot) -> None:
-        """Store the whole snapshot. Raise on failure; the room keeps it and retries."""
-        ...
-
-
-@runtime_checkable
-class IncrementalStorage(Storage, Protocol):
-    """A storage that can also save just the keys that changed."""
-
-    async def save_changes(self, changes: Changes) -> None:
-        """Store the changed records and the room timestamp, all or nothing."""
-        ...
-
-
-@runtime_checkable
-class StreamingStorage(Storage, Protocol):
-    """A storage that can also take the snapshot already encoded, a piece at a time.
-
-    The room then never copies its document: it encodes it straight from the live
-    state, keeping aside only what changes meanwhile (:meth:`Document.encode_in_steps`).
-    """
-
-    async def save_encoded(self, parts: Iterable[bytes]) -> None:
-        """Store the snapshot whose encoding (:func:`encode_snapshot_parts`'s format)
-        ``parts`` yields. Take every part before returning, yielding to the event loop
-        often enough that a big document never holds it for long (each part is encoded
-        as it is taken); ``parts`` may not be used after this returns."""
-        ...
-
-
-@attrs.define
-class MemoryStorage:
-    """Keeps the snapshot in memory: for tests, demos and ``serve --memory``."""
-
-    snapshot: Snapshot | None = None
-
-    async def load(self) -> Snapshot | None:
-        return self.snapshot
-
-    async def save(self, snapshot: Snapshot) -> None:
-        self.snapshot = snapshot
+__all__ = ["FileStorage", "room_file_name"]
 
 
 _PLAIN_ROOM_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")

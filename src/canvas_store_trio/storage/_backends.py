@@ -19,7 +19,8 @@ from urllib.parse import unquote, urlsplit
 import attrs
 import trio
 
-from ._storage import FileStorage, MemoryStorage, Storage, room_file_name, room_id_from_file_name
+from ._base import MemoryStorage, Storage
+from ._files import FileStorage, room_file_name, room_id_from_file_name
 
 __all__ = [
     "FileBackend",

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import attrs
 import trio
 
-from ._document import Changes, Snapshot
+from .._document import Changes, Snapshot
+from ._base import StorageError
 from ._sql import (
     MIGRATIONS_TABLE,
     RECORDS_TABLE,
@@ -29,7 +30,6 @@ from ._sql import (
     snapshot_from_rows,
     snapshot_rows,
 )
-from ._storage import StorageError
 
 if TYPE_CHECKING:
     import psycopg

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import attrs
 import trio
 
-from ._wire import HttpHandler, HttpRequest, HttpResponse
+from ..transport._wire import HttpHandler, HttpRequest, HttpResponse
 
 __all__ = [
     "DemoNotBuiltError",
@@ -60,7 +60,7 @@ class _Asset:
 
 
 def _demo_folder() -> Traversable:
-    return importlib.resources.files(__package__ or "canvas_store_trio") / "_demo"
+    return importlib.resources.files("canvas_store_trio") / "_demo"
 
 
 def load_demo_assets(folder: Path | Traversable | None = None) -> dict[str, _Asset]:

@@ -15,16 +15,16 @@ from pathlib import Path
 import attrs
 import trio
 
-from ._backends import FileBackend, MemoryBackend, StorageBackend, open_storage_backend
-from ._connection import Authorize, HandshakeRequest, serve_connection
-from ._demo_http import DemoNotBuiltError, demo_http_handler, page_url
-from ._document import SnapshotError
-from ._listener import TRANSPORTS, serve_websockets
-from ._manager import RoomManager
-from ._protocol import Limits
-from ._storage import StorageError
-from ._transfer import TransferError, add_transfer_commands, run_transfer_command
-from ._wire import HttpHandler, default_http_handler
+from .._document import SnapshotError
+from .._protocol import Limits
+from ..rooms._connection import Authorize, HandshakeRequest, serve_connection
+from ..rooms._manager import RoomManager
+from ..storage._backends import FileBackend, MemoryBackend, StorageBackend, open_storage_backend
+from ..storage._base import StorageError
+from ..storage._transfer import TransferError, add_transfer_commands, run_transfer_command
+from ..transport._listener import TRANSPORTS, serve_websockets
+from ..transport._wire import HttpHandler, default_http_handler
+from ._demo_page import DemoNotBuiltError, demo_http_handler, page_url
 
 logger = logging.getLogger("canvas_store_trio")
 

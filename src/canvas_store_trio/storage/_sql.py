@@ -28,8 +28,8 @@ from typing import Any
 import attrs
 import orjson
 
-from ._document import Snapshot, SnapshotError, snapshot_from_json
-from ._storage import StorageError
+from .._document import Snapshot, SnapshotError, snapshot_from_json
+from ._base import StorageError
 
 ROOMS_TABLE = "canvas_store_rooms"
 RECORDS_TABLE = "canvas_store_records"

@@ -1,0 +1,147 @@
+"""A room's saver: loads the document from storage, then writes it back, throttled.
+
+One :class:`Saver` per room. It picks the cheapest write the storage offers (only the
+changed keys, the live document encoded a piece at a time, or a snapshot), runs at most
+one save at a time, retries a failed one with backoff and never forgets a change that
+storage does not have yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import cast
+
+import trio
+
+from .._document import Document
+from ..storage._base import IncrementalStorage, Storage, StreamingStorage
+from ._session import implements
+
+logger = logging.getLogger("canvas_store_trio")
+
+
+class Saver:
+    """Keeps one room's storage up to date with its :attr:`document`.
+
+    ``save_throttle`` seconds after the first unsaved change it saves, then again
+    whenever more changes arrive. A save that fails keeps everything unsaved and is
+    retried with backoff (1 s, doubling to 60 s). Each save may take ``flush_timeout``.
+    """
+
+    def __init__(
+        self,
+        room_id: str,
+        storage: Storage | None,
+        *,
+        save_throttle: float,
+        flush_timeout: float,
+    ) -> None:
+        self.room_id = room_id
+        self.storage = storage
+        # The storage's protocols, checked once: a plain isinstance on a Protocol is slow.
+        self._incremental = (
+            cast(IncrementalStorage, storage) if implements(storage, IncrementalStorage) else None
+        )
+        self._streaming = (
+            cast(StreamingStorage, storage) if implements(storage, StreamingStorage) else None
+        )
+        self.save_throttle = save_throttle
+        self.flush_timeout = flush_timeout
+        self.document = Document(unsaved_keys=set() if self._incremental is not None else None)
+        self._unsaved = trio.Event()
+        self._lock = trio.Lock()
+        self.error: BaseException | None = None
+        """The last save failure, or None once a save succeeds."""
+
+    @property
+    def unsaved(self) -> bool:
+        """Whether the document has changes that storage does not have yet."""
+        return self._unsaved.is_set()
+
+    def mark_unsaved(self) -> None:
+        self._unsaved.set()
+
+    async def load(self) -> Document:
+        """Read the stored snapshot into a new :attr:`document` (kept empty if none).
+
+        Raises whatever the storage raises; the document is then left as it was.
+        """
+        if self.storage is not None:
+            snapshot = await self.storage.load()
+            if snapshot is not None:
+                self.document = Document.from_snapshot(
+                    snapshot, track_changes=self._incremental is not None
+                )
+        return self.document
+
+    async def run(self) -> None:
+        """Save ``save_throttle`` seconds after each first unsaved change, until cancelled.
+
+        Cancellation between saves loses nothing: what is unsaved stays so, for the
+        final :meth:`flush_quietly`. A save cancelled midway is rolled back as unsaved.
+        """
+        while True:
+            await self._unsaved.wait()
+            await trio.sleep(self.save_throttle)
+            delay = 1.0
+            while not await self.save():
+                logger.warning(
+                    "room %r: save failed (%s); retrying in %g s, nothing is lost",
+                    self.room_id,
+                    self.error,
+                    delay,
+                )
+                await trio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    async def save(self) -> bool:
+        """Write what is unsaved. Return False (and keep it unsaved) if storage fails."""
+        if self.storage is None:
+            self._unsaved = trio.Event()
+            return True
+        async with self._lock:
+            if not self._unsaved.is_set():
+                return True
+            self._unsaved = trio.Event()
+            incremental = self._incremental
+            document = self.document
+            changes = document.take_changes() if incremental is not None else None
+            try:
+                with trio.move_on_after(self.flush_timeout) as scope:
+                    if incremental is not None and changes is not None:
+                        await incremental.save_changes(changes)
+                    elif self._streaming is not None:
+                        with contextlib.closing(document.encode_in_steps()) as parts:
+                            await self._streaming.save_encoded(parts)
+                    else:
+                        await self.storage.save(document.snapshot())
+                if scope.cancelled_caught:
+                    raise TimeoutError(f"save took over {self.flush_timeout} s")
+            except BaseException as exc:
+                if changes is not None:
+                    document.restore_changes(changes)
+                self._unsaved.set()
+                if not isinstance(exc, Exception):
+                    raise
+                self.error = exc
+                return False
+            self.error = None
+            return True
+
+    async def flush(self) -> None:
+        """Save now if anything is unsaved. Raise the storage's error if that fails."""
+        if not await self.save():
+            assert self.error is not None
+            raise self.error
+
+    async def flush_quietly(self) -> None:
+        """The last save of a closing room: at most ``flush_timeout``, a failure logged."""
+        with trio.move_on_after(self.flush_timeout):
+            if await self.save():
+                return
+        logger.error(
+            "room %r closed with unsaved changes: %s",
+            self.room_id,
+            self.error or f"flush took over {self.flush_timeout} s",
+        )

@@ -1,0 +1,88 @@
+"""The ``Storage`` protocols every backend implements, and the in-memory backend.
+
+A room calls ``load()`` once before it serves anyone, and ``save(snapshot)`` from its
+saver task (throttled) and when it closes. A room never runs two saves of its own at
+once. Backends may do blocking I/O only through ``trio.to_thread``.
+
+A backend that can store a change without rewriting the whole document also implements
+``save_changes(changes)`` (:class:`IncrementalStorage`); the room then hands it only the
+keys written since the last save. Backends that only know whole snapshots (memory,
+files, a user's own class) keep working unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
+
+import attrs
+
+from .._document import Changes, Snapshot
+
+__all__ = [
+    "IncrementalStorage",
+    "MemoryStorage",
+    "Storage",
+    "StorageError",
+    "StreamingStorage",
+]
+
+
+class StorageError(Exception):
+    """A backend could not read or write. The message says which room and why."""
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Loads and saves one room's snapshot."""
+
+    async def load(self) -> Snapshot | None:
+        """The stored snapshot, or None for a room that was never saved.
+
+        Raise (:class:`StorageError`, :class:`SnapshotError`, anything) when the data
+        exists but cannot be read: the room then refuses to start instead of starting
+        empty and overwriting it.
+        """
+        ...
+
+    async def save(self, snapshot: Snapshot) -> None:
+        """Store the whole snapshot. Raise on failure; the room keeps it and retries."""
+        ...
+
+
+@runtime_checkable
+class IncrementalStorage(Storage, Protocol):
+    """A storage that can also save just the keys that changed."""
+
+    async def save_changes(self, changes: Changes) -> None:
+        """Store the changed records and the room timestamp, all or nothing."""
+        ...
+
+
+@runtime_checkable
+class StreamingStorage(Storage, Protocol):
+    """A storage that can also take the snapshot already encoded, a piece at a time.
+
+    The room then never copies its document: it encodes it straight from the live
+    state, keeping aside only what changes meanwhile (:meth:`Document.encode_in_steps`).
+    """
+
+    async def save_encoded(self, parts: Iterable[bytes]) -> None:
+        """Store the snapshot whose encoding (:func:`encode_snapshot_parts`'s format)
+        ``parts`` yields. Take every part before returning, yielding to the event loop
+        often enough that a big document never holds it for long (each part is encoded
+        as it is taken); ``parts`` may not be used after this returns."""
+        ...
+
+
+@attrs.define
+class MemoryStorage:
+    """Keeps the snapshot in memory: for tests, demos and ``serve --memory``."""
+
+    snapshot: Snapshot | None = None
+
+    async def load(self) -> Snapshot | None:
+        return self.snapshot
+
+    async def save(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
