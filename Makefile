@@ -1,6 +1,7 @@
 # One command each: `make serve` runs the server, `make test` runs every test,
 # `make demo` builds the demo page and serves it.
-# Both set up what they need first (a venv in .venv, and node/node_modules for tests).
+# Each sets up what it needs first: serve installs the runtime dependencies only into
+# .venv; test and lint add the dev extras (and node/node_modules for the Node tests).
 
 PYTHON ?= python3
 VENV := .venv
@@ -10,14 +11,17 @@ BIN := $(VENV)/bin
 
 $(BIN)/canvas-store-trio: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev-installed: $(BIN)/canvas-store-trio
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
 node/node_modules/.package-lock.json: node/package-lock.json
 	cd node && npm ci --no-audit --no-fund
 
-setup: $(BIN)/canvas-store-trio node/node_modules/.package-lock.json
+setup: $(VENV)/.dev-installed node/node_modules/.package-lock.json
 
 serve: $(BIN)/canvas-store-trio
 	$(BIN)/canvas-store-trio serve
@@ -29,6 +33,6 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
-lint: $(BIN)/canvas-store-trio
+lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy

@@ -2,12 +2,15 @@
 
 The app owns the nursery and decides who may do what: tokens come from its own
 session table here, and a token may be readonly. The sync endpoint is one of the
-app's tasks; when the app is cancelled, `RoomManager` closes every session and saves
-every room before the `async with` block ends.
+app's tasks; when the app is cancelled (here on SIGINT or SIGTERM), `RoomManager` closes
+every session with 1001 and saves every room before the `async with` block ends, and the
+process exits 0. Rooms are kept in ./app-data.
 """
 
 import functools
 import logging
+import os
+import signal
 
 import trio
 from trio_websocket import WebSocketRequest
@@ -21,6 +24,8 @@ from canvas_store_trio import (
     serve_connection,
     serve_websockets,
 )
+
+PORT = int(os.environ.get("PORT") or 8088)
 
 # The app's own users: token -> (user, rooms they may edit, rooms they may only view).
 TOKENS = {
@@ -44,6 +49,15 @@ def audit(room, patches) -> None:  # type: ignore[no-untyped-def]
 
 
 async def app() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sync_service)
+            async for _ in signals:
+                break
+            nursery.cancel_scope.cancel()  # the sync service closes and saves on the way out
+
+
+async def sync_service() -> None:
     async with (
         RoomManager(
             idle_timeout=30.0,
@@ -62,11 +76,11 @@ async def app() -> None:
                 serve_websockets,
                 sync_endpoint,
                 "127.0.0.1",
-                8088,
+                PORT,
                 max_message_size=Limits().max_message_size,
             )
         )
-        print("sync endpoint on ws://127.0.0.1:8088/?roomId=plans&clientId=C&token=alice-token")
+        print(f"sync endpoint on ws://127.0.0.1:{PORT}/?roomId=plans&clientId=C&token=alice-token")
         # ... the rest of the app runs here, in the same nursery ...
 
 

@@ -283,7 +283,7 @@ async def test_a_failing_load_refuses_the_room_1011_and_never_writes(
                 await client.send(type="patch", messageId="m", documentPatches=[create("y/c")])
                 code, reason = await client.closed()
                 assert code == 1011
-                assert reason is not None and "unreadable" in reason
+                assert reason == "Room could not be loaded"  # the cause is only logged
 
         async with editor(manager, "good", "g") as g, trio.open_nursery() as nursery:
             for i in range(3):  # racing first connections share one failed load

@@ -15,6 +15,7 @@ from pathlib import Path
 import attrs
 import trio
 
+from .. import __version__
 from .._document import SnapshotError
 from .._protocol import Limits
 from ..rooms._connection import Authorize, HandshakeRequest, serve_connection
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="canvas-store-trio",
         description="A sync server for @woven-ecs/canvas-store clients.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve",
@@ -44,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     serve.add_argument(
         "--port",
-        type=int,
-        default=int(os.environ.get("PORT") or 8087),
-        help="port to listen on ($PORT, else 8087; 0 picks a free one)",
+        type=port_number,
+        default=None,
+        help="port to listen on, 0-65535 ($PORT, else 8087; 0 picks a free one)",
     )
     store = serve.add_mutually_exclusive_group()
     store.add_argument(
@@ -124,6 +126,32 @@ def _option_type(annotation: str) -> Callable[[str], object]:
     return parse
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 0 to 65535 (0 lets the system pick a free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, not {text!r}")
+    return port
+
+
+def serve_port(args: argparse.Namespace) -> int:
+    """``--port``, else ``$PORT``, else 8087. A bad ``$PORT`` is an error for serve only."""
+    if args.port is not None:
+        return int(args.port)
+    text = os.environ.get("PORT") or "8087"
+    try:
+        return port_number(text)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"$PORT: {exc}") from None
+
+
+class UsageError(Exception):
+    """Something the user can fix: printed as one line, and the command exits with 2."""
+
+
 def limits_from(args: argparse.Namespace) -> Limits:
     return Limits(**{field.name: getattr(args, field.name) for field in attrs.fields(Limits)})
 
@@ -132,44 +160,66 @@ def load_authorize(spec: str) -> Authorize:
     """Import ``module:function``, looking in the current folder too."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise SystemExit(f"--authorize wants MODULE:FUNCTION, not {spec!r}")
+        raise UsageError(f"--authorize wants MODULE:FUNCTION, not {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         function = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"--authorize {spec}: {exc}") from None
+        raise UsageError(f"--authorize {spec}: {exc}") from None
     if not callable(function):
-        raise SystemExit(f"--authorize {spec}: not a function")
+        raise UsageError(f"--authorize {spec}: not a function")
     return function  # type: ignore[no-any-return]
 
 
 def open_backend(args: argparse.Namespace) -> StorageBackend:
-    """Where ``serve`` keeps rooms: ``--storage URL``, ``--memory``, or ``--data-dir``."""
+    """Where ``serve`` keeps rooms: ``--storage URL``, ``--memory``, or ``--data-dir``.
+
+    A data folder is made if it is missing; one that is a file or cannot be made is a
+    :class:`UsageError` now, not an error for every client later.
+    """
     if args.storage:
-        return open_storage_backend(args.storage)
+        try:
+            return open_storage_backend(args.storage)
+        except ValueError as exc:
+            raise UsageError(f"--storage: {exc}") from None
     if args.memory:
         return MemoryBackend()
-    return FileBackend(args.data_dir)
+    folder = Path(args.data_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"--data-dir {folder}: not a folder") from None
+    except OSError as exc:
+        raise UsageError(f"--data-dir {folder}: {exc.strerror}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--data-dir {folder}: not writable")
+    return FileBackend(folder)
 
 
 async def serve(
     args: argparse.Namespace, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run until SIGINT or SIGTERM, then close every session, flush every room, return."""
+    """Run until SIGINT or SIGTERM, then close every session, flush every room, return.
+
+    Raises :class:`UsageError` for what the user can fix (a bad option, an address that
+    cannot be listened on) before any client is served.
+    """
     authorize = load_authorize(args.authorize) if args.authorize else None
     limits = limits_from(args)
+    port = serve_port(args)
+    backend = open_backend(args)
     http_handler: HttpHandler = default_http_handler
     if args.demo:
         if args.transport != "wire":
-            raise SystemExit("--demo: the page is served by the wire transport only")
+            raise UsageError("--demo: the page is served by the wire transport only")
         try:
             http_handler = demo_http_handler()
         except DemoNotBuiltError as exc:
-            raise SystemExit(f"--demo: {exc}") from None
+            raise UsageError(f"--demo: {exc}") from None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with (
-            open_backend(args) as backend,
+            backend,
             RoomManager(
                 idle_timeout=args.idle_timeout,
                 save_throttle=args.save_throttle,
@@ -182,17 +232,22 @@ async def serve(
             async def handler(request: HandshakeRequest) -> None:
                 await serve_connection(manager, request, authorize=authorize)
 
-            listeners = await nursery.start(
-                functools.partial(
-                    serve_websockets,
-                    handler,
-                    args.host,
-                    args.port,
-                    max_message_size=limits.max_message_size,
-                    transport=args.transport,
-                    http_handler=http_handler,
+            try:
+                listeners = await nursery.start(
+                    functools.partial(
+                        serve_websockets,
+                        handler,
+                        args.host,
+                        port,
+                        max_message_size=limits.max_message_size,
+                        transport=args.transport,
+                        http_handler=http_handler,
+                    )
                 )
-            )
+            except OSError as exc:
+                raise UsageError(
+                    f"cannot listen on {args.host}:{port}: {exc.strerror or exc}"
+                ) from None
             port = listeners[0].socket.getsockname()[1]
             url = f"ws://{args.host}:{port}"
             where = str(backend)
@@ -215,18 +270,28 @@ async def serve(
     logger.info("all rooms saved; bye")
 
 
+def _only_error(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The one exception of ``kinds`` that ``exc`` is, or that a group holds alone."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, kinds) else None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run a command. Errors the user can fix print one line and exit with status 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
     )
-    if args.command == "serve":
-        try:
+    expected = (UsageError, TransferError, StorageError, SnapshotError, ValueError)
+    try:
+        if args.command == "serve":
             trio.run(serve, args)
-        except ValueError as exc:  # a storage URL that names nothing
-            raise SystemExit(f"canvas-store-trio serve: {exc}") from None
-    else:
-        try:
+        else:
             logger.info("%s", trio.run(run_transfer_command, args))
-        except (TransferError, StorageError, SnapshotError, ValueError) as exc:
-            raise SystemExit(f"canvas-store-trio {args.command}: {exc}") from None
+    except BaseException as exc:
+        error = _only_error(exc, expected)
+        if error is None:
+            raise
+        print(f"canvas-store-trio {args.command}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -13,7 +13,13 @@ import trio
 
 from ._manager import ManagerClosedError, RoomLoadError, RoomManager, TooManyRoomsError
 from ._room import MessageSocket, Room, RoomFullError
-from ._session import AuthorizeResult, SessionInfo, as_authorize_result, close_reason
+from ._session import (
+    AuthorizeResult,
+    AuthorizeResultError,
+    SessionInfo,
+    as_authorize_result,
+    close_reason,
+)
 
 logger = logging.getLogger("canvas_store_trio")
 
@@ -126,6 +132,10 @@ async def serve_connection(
         info = AuthorizeInfo(room_id, client_id, connect.token, request)
         try:
             result = await _authorize_while_open(ws, authorize, info)
+        except AuthorizeResultError as exc:
+            logger.error("refused client %r in room %r: %s", client_id, room_id, exc)
+            await ws.aclose(1008, "Unauthorized")
+            return
         except Exception as exc:
             logger.info("refused client %r in room %r: %s", client_id, room_id, exc)
             await ws.aclose(1008, close_reason(str(exc) or "Unauthorized"))
@@ -143,8 +153,8 @@ async def serve_connection(
             refresh=refresh,
             on_ready=_log_join,
         )
-    except RoomLoadError as exc:
-        await _refuse(ws, 1011, f"Room could not be loaded: {exc.__cause__}")
+    except RoomLoadError:
+        await _refuse(ws, 1011, "Room could not be loaded")  # the cause, logged, may name paths
     except (RoomFullError, TooManyRoomsError) as exc:
         await _refuse(ws, 1013, str(exc))
     except ManagerClosedError:

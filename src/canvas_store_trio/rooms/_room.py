@@ -42,6 +42,7 @@ from ._keepalive import keep_alive
 from ._saver import Saver
 from ._session import (
     AuthorizeResult,
+    AuthorizeResultError,
     MessageSocket,
     Permissions,
     PushSocket,
@@ -49,6 +50,7 @@ from ._session import (
     SessionInfo,
     TokenRefresh,
     as_authorize_result,
+    check_permissions,
     close_reason,
     implements,
 )
@@ -253,9 +255,11 @@ class Room:
         return session.permissions if session else None
 
     def set_session_permissions(self, session_id: str, permissions: Permissions) -> None:
+        """Change a live session's permissions; ValueError unless readonly or readwrite."""
+        permissions = check_permissions(permissions)
         session = self._sessions.get(session_id)
         if session:
-            session.permissions = as_authorize_result({"permissions": permissions}).permissions
+            session.permissions = permissions
 
     def get_session_metadata(self, session_id: str) -> Any:
         session = self._sessions.get(session_id)
@@ -283,8 +287,8 @@ class Room:
         token of an ``auth-refresh`` frame (the room's ``on_token_refresh`` otherwise).
 
         On return or cancellation the session has left the room, and the socket has
-        been closed: after a normal end the queued frames are sent first, all within
-        ``CLOSE_TIMEOUT`` seconds, shielded from cancellation.
+        been closed (1001 on cancellation): after a normal end the queued frames are sent
+        first, all within ``CLOSE_TIMEOUT`` seconds, shielded from cancellation.
         """
         session = Session(
             socket,
@@ -311,6 +315,10 @@ class Room:
                         # could otherwise meet it closed before the session leaves the room.
                         session.nursery = None
         finally:
+            if session.close_code is None:
+                # Cancelled from outside (the app is shutting down): the client is told
+                # the server is going away, and reconnects, rather than that it is done.
+                session.close(1001, "server shutting down")
             self._remove_session(session)
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + CLOSE_TIMEOUT
@@ -531,7 +539,8 @@ class Room:
                     value = await value
                 result = as_authorize_result(value)
         except Exception as exc:
-            logger.info(
+            log = logger.error if isinstance(exc, AuthorizeResultError) else logger.info
+            log(
                 "room %r: client %r closed: token refresh refused: %s",
                 self.room_id,
                 session.client_id,

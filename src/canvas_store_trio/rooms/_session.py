@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 import attrs
-import cattrs
 import trio
 from trio_websocket import ConnectionClosed
 
@@ -60,6 +59,13 @@ class PushSocket(Protocol):
 PERMISSIONS: tuple[Permissions, ...] = ("readwrite", "readonly")
 
 
+def check_permissions(value: object) -> Permissions:
+    """``value`` if it is ``"readonly"`` or ``"readwrite"``; else a ValueError naming both."""
+    if value == "readwrite" or value == "readonly":
+        return value
+    raise ValueError(f"permissions must be 'readonly' or 'readwrite', not {value!r}")
+
+
 def implements(obj: object, protocol: type) -> bool:
     """``isinstance(obj, protocol)`` for a runtime-checkable Protocol, decided for the
     first object of each class and remembered: the plain check walks the protocol's
@@ -93,23 +99,40 @@ class AuthorizeResult:
     accepted too.
     """
 
-    permissions: Permissions = attrs.field(validator=attrs.validators.in_(PERMISSIONS))
+    permissions: Permissions = attrs.field(converter=check_permissions)
     metadata: Any = None
 
 
-_converter = cattrs.Converter()
+class AuthorizeResultError(ValueError):
+    """An ``authorize`` hook returned something that is not an :class:`AuthorizeResult`.
+
+    That is a bug in the hook, not a refusal: the server logs it as an error.
+    """
 
 
 def as_authorize_result(value: object) -> AuthorizeResult:
-    """Accept an :class:`AuthorizeResult` or a mapping; raise ValueError for anything else."""
+    """Accept an :class:`AuthorizeResult` or a mapping with ``permissions`` (and maybe
+    ``metadata``); raise :class:`AuthorizeResultError` saying what is allowed otherwise."""
     if isinstance(value, AuthorizeResult):
         return value
     if isinstance(value, Mapping):
+        unknown = sorted(str(key) for key in value if key not in ("permissions", "metadata"))
+        if unknown:
+            raise AuthorizeResultError(
+                f"authorize returned unknown keys {unknown}; "
+                "allowed: 'permissions' and 'metadata'"
+            )
+        if "permissions" not in value:
+            raise AuthorizeResultError(
+                "authorize returned no 'permissions': give 'readonly' or 'readwrite'"
+            )
         try:
-            return _converter.structure(dict(value), AuthorizeResult)
-        except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
-            raise ValueError(f"authorize returned {value!r}: {exc}") from None
-    raise ValueError(f"authorize must return an AuthorizeResult or a mapping, not {value!r}")
+            return AuthorizeResult(value["permissions"], value.get("metadata"))
+        except ValueError as exc:
+            raise AuthorizeResultError(f"authorize returned bad {exc}") from None
+    raise AuthorizeResultError(
+        f"authorize must return an AuthorizeResult or a mapping, not {value!r}"
+    )
 
 
 TokenRefresh = Callable[[str], Awaitable[AuthorizeResult]]

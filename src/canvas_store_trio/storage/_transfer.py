@@ -110,7 +110,7 @@ async def import_room(
         snapshot = await _decode(snapshot, f"the snapshot for room {room_id!r}")
     if not overwrite and room_id in await backend.list_room_ids():
         raise TransferError(
-            f"room {room_id!r} already exists in {backend}; pass overwrite (--force) to replace it"
+            f"room {room_id!r} already exists in {backend}; pass --force to replace it"
         )
     await backend.create_storage(room_id).save(snapshot)
     return snapshot
@@ -176,7 +176,8 @@ async def import_directory(
     if not overwrite:
         existing = set(await backend.list_room_ids())
         problems.extend(
-            f"room {item.room_id!r} ({item.path.name}) already exists in {backend}"
+            f"room {item.room_id!r} ({item.path.name}) already exists in {backend} "
+            "(--force replaces it)"
             for item in files
             if item.room_id in existing
         )
@@ -209,6 +210,7 @@ async def copy_rooms(
                 f"nothing was copied: {len(clash)} room(s) already exist in {target}: "
                 + ", ".join(repr(r) for r in clash[:10])
                 + (" ..." if len(clash) > 10 else "")
+                + " (--force replaces them)"
             )
     for room_id in ids:
         snapshot = await export_room(source, room_id)
@@ -288,6 +290,24 @@ def backend_from_args(args: argparse.Namespace) -> StorageBackend:
     return FileBackend(getattr(args, "data_dir", None) or Path("data"))
 
 
+def _check_exists(backend: StorageBackend) -> None:
+    """Raise :class:`TransferError` if the folder or SQLite file to read from is missing.
+
+    Reading must create nothing: opening a missing SQLite file would make an empty one.
+    """
+    from ._backends import FileBackend
+    from ._sqlite import SQLiteDatabase
+
+    if isinstance(backend, FileBackend) and not backend.dir.is_dir():
+        raise TransferError(f"there is no folder {backend.dir}")
+    if (
+        isinstance(backend, SQLiteDatabase)
+        and backend.path != ":memory:"
+        and not Path(backend.path).is_file()
+    ):
+        raise TransferError(f"there is no SQLite database at {backend.path}")
+
+
 async def run_transfer_command(args: argparse.Namespace) -> str:
     """Run ``export`` or ``import``; return a line for stderr.
 
@@ -296,7 +316,10 @@ async def run_transfer_command(args: argparse.Namespace) -> str:
     """
     from ._backends import FileBackend
 
-    async with backend_from_args(args) as backend:
+    source = backend_from_args(args)
+    if args.command == "export":
+        _check_exists(source)
+    async with source as backend:
         if args.command == "export":
             if args.all:
                 if args.room or not args.output or args.output == "-":
