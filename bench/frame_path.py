@@ -26,7 +26,8 @@ import trio
 
 from canvas_store_trio.rooms._room import Room
 from canvas_store_trio.rooms._session import Session
-from canvas_store_trio.transport._wire import HttpRequest, WireSocket
+from canvas_store_trio.transport._http import HttpRequest
+from canvas_store_trio.transport._wire import WireSocket
 
 BATCH = 1024
 

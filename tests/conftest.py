@@ -23,9 +23,8 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from canvas_store_trio import Authorize, RoomManager, serve_connection
-from canvas_store_trio.rooms._connection import HandshakeRequest
-from canvas_store_trio.transport._wire import serve_wire_stream
+from canvas_store_trio import Authorize, HandshakeRequest, RoomManager, serve_connection
+from canvas_store_trio.transport._handshake import serve_wire_stream
 
 NODE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "node")
 

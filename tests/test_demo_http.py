@@ -14,7 +14,7 @@ import trio
 from trio_websocket import open_websocket_url
 
 from canvas_store_trio.cli._demo_page import DemoNotBuiltError, demo_http_handler, page_url
-from canvas_store_trio.transport import _wire
+from canvas_store_trio.transport import _handshake, _http
 from canvas_store_trio.transport._listener import serve_websockets
 
 
@@ -100,7 +100,7 @@ async def test_page_files_and_websocket_share_the_port(assets: Path) -> None:
 
 
 async def test_request_head_edge_cases(assets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_wire, "HANDSHAKE_TIMEOUT", 0.2)
+    monkeypatch.setattr(_handshake, "HANDSHAKE_TIMEOUT", 0.2)
     async with trio.open_nursery() as nursery:
         url = await start(nursery, assets)
         host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
@@ -119,7 +119,7 @@ async def test_request_head_edge_cases(assets: Path, monkeypatch: pytest.MonkeyP
         assert response.endswith(b"console.log('hi')")
 
         assert (await http(url, b"\x16\x03\x01 not http\r\n\r\n"))[0] == 400
-        big = b"GET / HTTP/1.1\r\nX: " + b"a" * _wire.MAX_HEAD_SIZE + b"\r\n\r\n"
+        big = b"GET / HTTP/1.1\r\nX: " + b"a" * _http.MAX_HEAD_SIZE + b"\r\n\r\n"
         assert (await http(url, big))[0] == 431
 
         # A client that never sends a head is closed after HANDSHAKE_TIMEOUT.

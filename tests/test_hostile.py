@@ -43,7 +43,7 @@ from wsproto.events import (
 
 from canvas_store_trio import decode_snapshot
 from canvas_store_trio.cli._main import build_parser, serve
-from canvas_store_trio.transport import _wire
+from canvas_store_trio.transport import _handshake
 
 from .conftest import Client
 
@@ -768,7 +768,7 @@ async def test_half_open_handshakes_block_nobody_and_time_out_quietly(
     transport: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="canvas_store_trio")
-    monkeypatch.setattr(_wire, "HANDSHAKE_TIMEOUT", 1.0)
+    monkeypatch.setattr(_handshake, "HANDSHAKE_TIMEOUT", 1.0)
     async with scene(transport=transport) as s:
         lorises = []
         for i in range(30):

@@ -29,8 +29,8 @@ from canvas_store_trio import Limits, RoomManager, serve_connection
 from canvas_store_trio.cli._main import build_parser, limits_from
 from canvas_store_trio.rooms import _room
 from canvas_store_trio.rooms._session import Session
+from canvas_store_trio.transport._handshake import serve_wire_stream
 from canvas_store_trio.transport._listener import serve_websocket_stream
-from canvas_store_trio.transport._wire import serve_wire_stream
 
 from .conftest import Client, connect, frames_of
 from .test_hostile import RawWebSocket, start_server, ws_client

@@ -15,8 +15,9 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
+from canvas_store_trio.transport._http import HttpRequest
 from canvas_store_trio.transport._poller import ReadPoller, open_read_poller
-from canvas_store_trio.transport._wire import HttpRequest, WireSocket
+from canvas_store_trio.transport._wire import WireSocket
 
 from .test_hostile import mask_frame
 

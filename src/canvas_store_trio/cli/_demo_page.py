@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import attrs
 import trio
 
-from ..transport._wire import HttpHandler, HttpRequest, HttpResponse
+from ..transport._http import HttpHandler, HttpRequest, HttpResponse
 
 __all__ = [
     "DemoNotBuiltError",

@@ -18,13 +18,14 @@ import trio
 from .. import __version__
 from .._document import SnapshotError
 from .._protocol import Limits
-from ..rooms._connection import Authorize, HandshakeRequest, serve_connection
+from ..rooms._connection import Authorize, serve_connection
 from ..rooms._manager import RoomManager
 from ..storage._backends import FileBackend, MemoryBackend, StorageBackend, open_storage_backend
 from ..storage._base import StorageError
 from ..storage._transfer import TransferError, add_transfer_commands, run_transfer_command
+from ..transport._handshake import HandshakeRequest
+from ..transport._http import HttpHandler, default_http_handler
 from ..transport._listener import TRANSPORTS, serve_websockets
-from ..transport._wire import HttpHandler, default_http_handler
 from ._demo_page import DemoNotBuiltError, demo_http_handler, page_url
 
 logger = logging.getLogger("canvas_store_trio")

@@ -5,14 +5,15 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import trio
 
+from ..transport._handshake import AcceptedSocket, HandshakeRequest
 from ._manager import ManagerClosedError, RoomLoadError, RoomManager, TooManyRoomsError
-from ._room import MessageSocket, Room, RoomFullError
+from ._room import Room, RoomFullError
 from ._session import (
     AuthorizeResult,
     AuthorizeResultError,
@@ -25,20 +26,6 @@ logger = logging.getLogger("canvas_store_trio")
 
 MAX_ID_LENGTH = 256
 """Characters in a room id or client id."""
-
-
-class AcceptedSocket(MessageSocket, Protocol):
-    @property
-    def closed(self) -> object: ...
-
-
-class HandshakeRequest(Protocol):
-    """A WebSocket handshake: ours (``WireRequest``) or trio-websocket's."""
-
-    @property
-    def path(self) -> str: ...
-
-    async def accept(self) -> AcceptedSocket: ...
 
 
 class ConnectRequestError(Exception):
@@ -63,7 +50,7 @@ class AuthorizeInfo:
     room_id: str
     client_id: str
     token: str
-    request: Any = None
+    request: HandshakeRequest | None = None
 
 
 Authorize = Callable[[AuthorizeInfo], AuthorizeResult | Any | Awaitable[Any]]

@@ -38,12 +38,12 @@ from .._protocol import (
     version_mismatch_frame,
 )
 from ..storage._base import Storage
+from ..transport._handshake import MessageSocket
 from ._keepalive import keep_alive
 from ._saver import Saver
 from ._session import (
     AuthorizeResult,
     AuthorizeResultError,
-    MessageSocket,
     Permissions,
     PushSocket,
     Session,

@@ -12,19 +12,9 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed
 
+from ..transport._handshake import MessageSocket
+
 Permissions = Literal["readwrite", "readonly"]
-
-
-class MessageSocket(Protocol):
-    """The part of a WebSocket connection a room uses (trio-websocket's API)."""
-
-    async def get_message(self) -> str | bytes: ...
-
-    async def send_message(self, message: str | bytes) -> None: ...
-
-    async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
-
-    async def ping(self, payload: bytes | None = None) -> None: ...
 
 
 @runtime_checkable

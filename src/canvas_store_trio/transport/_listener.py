@@ -15,43 +15,117 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Literal
 
 import trio
 from trio_websocket import wrap_server_stream
 
-from . import _wire
+from ._handshake import (
+    AcceptedSocket,
+    HandshakeRequest,
+    handshake_request,
+    read_upgrade,
+    serve_wire_stream,
+)
+from ._http import HttpHandler, default_http_handler
 from ._poller import open_read_poller
-from ._wire import HttpHandler, default_http_handler, serve_wire_stream
 
 logger = logging.getLogger("canvas_store_trio")
 
-Handler = Callable[[Any], Awaitable[None]]
-"""Takes a request with ``path`` and ``async accept()`` (``WireRequest`` or
-trio-websocket's ``WebSocketRequest``)."""
+Handler = Callable[[HandshakeRequest], Awaitable[None]]
+"""Takes the upgrade request, on either transport, and answers it."""
 Transport = Literal["wire", "trio-websocket"]
 TRANSPORTS: tuple[Transport, ...] = ("wire", "trio-websocket")
 
 
-async def serve_websocket_stream(
-    handler: Handler, stream: trio.abc.Stream, *, max_message_size: int
-) -> None:
-    """Run one connection: the handshake, then ``handler``. Never raises.
+CLOSE_TIMEOUT = 2.0
+"""Seconds trio-websocket's reader gets, after the handler returns, to finish the close
+handshake (answer the peer's close frame, or read the peer's answer to ours)."""
 
-    ``handler`` gets the request and owns the connection from there (it accepts or
-    rejects it, and closes it). When ``handler`` returns, or the connection fails,
-    the stream is closed. Cancellation closes the stream too, and propagates.
+
+class _HeldBackStream(trio.abc.Stream):
+    """A stream for trio-websocket: the request head again, then nothing until released.
+
+    wsproto keeps bytes that arrive with the request head aside until the upgrade is
+    accepted, and trio-websocket's reader does not look at them again until more bytes
+    arrive: a client's first frames, sent in the handshake's segment, would wait for
+    its next frame (docs/upstream-trio-websocket.md). So the head is replayed alone, and
+    the bytes after it are handed over only once the answer is sent.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, head: bytes, rest: bytes) -> None:
+        self._stream = stream
+        self._head = head
+        self._rest = rest
+        self.released = trio.Event()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if not self._head:
+            await self.released.wait()
+        held = self._head or self._rest
+        if not held:
+            return bytes(await self._stream.receive_some(max_bytes))
+        size = len(held) if max_bytes is None else max_bytes
+        data, held = held[:size], held[size:]
+        if self._head:
+            self._head = held
+        else:
+            self._rest = held
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def serve_websocket_stream(
+    handler: Handler,
+    stream: trio.abc.Stream,
+    *,
+    max_message_size: int,
+    http_handler: HttpHandler = default_http_handler,
+) -> None:
+    """Run one connection on trio-websocket: the handshake, then ``handler``. Never raises.
+
+    The head is read and checked as on the wire transport (:func:`read_upgrade`: the
+    same answers to plain HTTP and to refused upgrades), then replayed to
+    trio-websocket. ``handler`` gets the request and owns the connection from there (it
+    accepts or rejects it, and closes it). When ``handler`` returns, an accepted socket
+    it left open is closed, and trio-websocket's reader gets up to
+    :data:`CLOSE_TIMEOUT` to finish the close handshake; then the stream is closed.
+    Cancellation closes the stream too, and propagates.
     """
     try:
+        upgrade = await read_upgrade(stream, http_handler)
+        if upgrade is None:
+            return
+        held = _HeldBackStream(stream, upgrade.head, upgrade.rest)
         async with trio.open_nursery() as nursery:
-            request = None
-            with trio.move_on_after(_wire.HANDSHAKE_TIMEOUT):
-                request = await wrap_server_stream(
-                    nursery, stream, max_message_size=max_message_size
-                )
-            if request is not None:
-                await handler(request)
-            nursery.cancel_scope.cancel()  # ends trio-websocket's reader task
+            ws_request = await wrap_server_stream(
+                nursery, held, max_message_size=max_message_size
+            )
+            accepted: list[AcceptedSocket] = []
+
+            async def accept(subprotocol: str | None) -> AcceptedSocket:
+                accepted.append(await ws_request.accept(subprotocol=subprotocol))
+                held.released.set()
+                return accepted[0]
+
+            async def reject(status: int, body: bytes) -> None:
+                extra_headers = [(b"Content-Type", b"text/plain; charset=utf-8")]
+                await ws_request.reject(status, extra_headers=extra_headers, body=body)
+
+            await handler(handshake_request(upgrade.request, accept, reject))
+            if accepted:
+                await accepted[0].aclose()
+                nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+            else:
+                nursery.cancel_scope.cancel()  # ends trio-websocket's reader task
     except Exception as exc:
         logger.warning("a connection failed and was closed: %r", exc)
     finally:
@@ -72,13 +146,16 @@ async def serve_websockets(
 
     ``task_status.started`` gets the listeners (port 0 picks a free port; read it from
     ``listeners[0].socket.getsockname()``). Plain HTTP requests get ``http_handler``'s
-    answer on the wire transport (a health "ok" by default).
+    answer (a health "ok" by default), on either transport.
     """
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners)
     if transport != "wire":
         serve_stream = functools.partial(
-            serve_websocket_stream, handler, max_message_size=max_message_size
+            serve_websocket_stream,
+            handler,
+            max_message_size=max_message_size,
+            http_handler=http_handler,
         )
         await trio.serve_listeners(serve_stream, listeners)
         return

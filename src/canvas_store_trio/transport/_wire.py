@@ -14,30 +14,22 @@ many-rooms shapes is what decides whether we keep up with the Node server.
 
 from __future__ import annotations
 
-import base64
 import collections
-import hashlib
 import logging
 import os
 import struct
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
-import attrs
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
 
+from ._http import HttpRequest
 from ._poller import ReadPoller
 
 logger = logging.getLogger("canvas_store_trio")
 
-MAX_HEAD_SIZE = 16 * 1024
-"""Bytes in an HTTP request head (request line and headers)."""
-HANDSHAKE_TIMEOUT = 10.0
-"""Seconds a new connection has to send its request head."""
 RECEIVE_SIZE = 64 * 1024
 
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _OP_CONTINUATION, _OP_TEXT, _OP_BINARY = 0x0, 0x1, 0x2
 _OP_CLOSE, _OP_PING, _OP_PONG = 0x8, 0x9, 0xA
 
@@ -47,72 +39,6 @@ class _ProtocolViolation(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
-
-
-@attrs.frozen
-class HttpRequest:
-    """A parsed HTTP request head. Header names are lower-case."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    remote: Any = None
-
-    @property
-    def is_websocket(self) -> bool:
-        return (
-            "websocket" in self.headers.get("upgrade", "").lower()
-            and "upgrade" in self.headers.get("connection", "").lower()
-        )
-
-
-HttpResponse = tuple[int, str, bytes]
-"""``(status, content_type, body)``"""
-HttpHandler = Callable[[HttpRequest], HttpResponse]
-
-
-def default_http_handler(request: HttpRequest) -> HttpResponse:
-    """Plain HTTP requests get a health answer, as the Node example server gives."""
-    return 200, "text/plain; charset=utf-8", b"ok"
-
-
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    426: "Upgrade Required",
-    431: "Request Header Fields Too Large",
-}
-
-
-def _http_response(status: int, content_type: str, body: bytes, head_only: bool = False) -> bytes:
-    head = (
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-        "Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
-    ).encode()
-    return head if head_only else head + body
-
-
-def _parse_head(head: bytes) -> HttpRequest | None:
-    try:
-        lines = head.decode("latin-1").split("\r\n")
-        method, path, version = lines[0].split(" ")
-    except ValueError:
-        return None
-    if not version.startswith("HTTP/1."):
-        return None
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep:
-            return None
-        key = name.strip().lower()
-        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
-    return HttpRequest(method, path, headers)
 
 
 def _text_header(length: int) -> bytes:
@@ -128,7 +54,35 @@ def _control_frame(opcode: int, payload: bytes = b"") -> bytes:
 
 
 def _close_payload(code: int, reason: str) -> bytes:
-    return struct.pack("!H", code) + reason.encode()[:123] if code not in (1005, 1006) else b""
+    """A close frame's payload: the code and at most 123 bytes of reason, cut between
+    characters; nothing for a code that must not be sent (1005, 1006)."""
+    if not is_sendable_close_code(code):
+        return b""
+    return struct.pack("!H", code) + reason.encode()[:123].decode(errors="ignore").encode()
+
+
+def is_sendable_close_code(code: int) -> bool:
+    """Whether a close frame may carry ``code`` (RFC 6455 7.4 and the IANA registry).
+
+    1004-1006 and 1015 are reserved or for local use only, 1016-2999 unassigned, and
+    codes outside 1000-4999 are not close codes at all.
+    """
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def _check_close_payload(payload: bytes) -> None:
+    """Refuse a close frame's payload as RFC 6455 5.5.1 does: a code, then UTF-8."""
+    if not payload:
+        return
+    if len(payload) == 1:
+        raise _ProtocolViolation(1002, "close frame with a 1-byte payload")
+    (code,) = struct.unpack_from("!H", payload)
+    if not is_sendable_close_code(code):
+        raise _ProtocolViolation(1002, f"close code {code} is not allowed on the wire")
+    try:
+        payload[2:].decode()
+    except UnicodeDecodeError:
+        raise _ProtocolViolation(1007, "close reason is not valid UTF-8") from None
 
 
 def _unmask(payload: bytes | bytearray, mask: bytes) -> bytes:
@@ -406,6 +360,8 @@ class WireSocket:
             payload = _unmask(buffer[offset + 4 : end], bytes(buffer[offset : offset + 4]))
             del buffer[:end]
             if opcode >= 0x8:
+                if opcode == _OP_CLOSE:
+                    _check_close_payload(payload)
                 return opcode, payload
             if opcode == _OP_CONTINUATION:
                 if not self._fragment_opcode:
@@ -438,9 +394,9 @@ class WireSocket:
             self._pong.set()
         elif opcode == _OP_CLOSE:
             code, reason = 1005, None
-            if len(payload) >= 2:
+            if payload:  # checked by _check_close_payload
                 (code,) = struct.unpack_from("!H", payload)
-                reason = payload[2:].decode(errors="replace")
+                reason = payload[2:].decode()
             if not self._close_sent:
                 self._close_sent = True
                 await self._write(_control_frame(_OP_CLOSE, payload[:2]))
@@ -487,125 +443,3 @@ class WireSocket:
         finally:
             self._set_closed(code, reason)
             await trio.aclose_forcefully(self._stream)
-
-
-class WireRequest:
-    """A WebSocket handshake waiting for :meth:`accept` (trio-websocket's request API)."""
-
-    def __init__(
-        self,
-        stream: trio.abc.Stream,
-        request: HttpRequest,
-        buffered: bytes,
-        max_message_size: int,
-        poller: ReadPoller | None = None,
-    ) -> None:
-        self._stream = stream
-        self._poller = poller
-        self._request = request
-        self._buffered = buffered
-        self._max_message_size = max_message_size
-        self.path = request.path
-        self.headers = request.headers
-        self.remote = request.remote
-
-    async def accept(self) -> WireSocket:
-        key = self._request.headers.get("sec-websocket-key", "")
-        accept = base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
-        await self._stream.send_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept.encode() + b"\r\n\r\n"
-        )
-        return WireSocket(
-            self._stream,
-            self._request,
-            max_message_size=self._max_message_size,
-            buffered=self._buffered,
-            poller=self._poller,
-        )
-
-
-class _HeadTooLarge(Exception):
-    pass
-
-
-async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, bytes] | None:
-    """The request head and the bytes after it; None if the peer hangs up first."""
-    buffer = bytearray()
-    while True:
-        end = buffer.find(b"\r\n\r\n")
-        if end > MAX_HEAD_SIZE or (end < 0 and len(buffer) > MAX_HEAD_SIZE):
-            raise _HeadTooLarge
-        if end >= 0:
-            return bytes(buffer[:end]), bytes(buffer[end + 4 :])
-        data = await stream.receive_some(MAX_HEAD_SIZE)
-        if not data:
-            return None
-        buffer += data
-
-
-async def _answer(stream: trio.abc.Stream, response: bytes) -> None:
-    """Send a plain HTTP response, then let the client hang up first (briefly).
-
-    Closing a socket with unread request bytes resets it, which can cut the response
-    short on the client's side; a half-close and a short wait avoid that.
-    """
-    await stream.send_all(response)
-    if isinstance(stream, trio.abc.HalfCloseableStream):
-        await stream.send_eof()
-        with trio.move_on_after(2.0):
-            while await stream.receive_some(MAX_HEAD_SIZE):
-                pass
-
-
-async def serve_wire_stream(
-    handler: Callable[[WireRequest], Awaitable[None]],
-    stream: trio.abc.Stream,
-    *,
-    max_message_size: int,
-    http_handler: HttpHandler = default_http_handler,
-    poller: ReadPoller | None = None,
-) -> None:
-    """Serve one TCP connection: a WebSocket handshake for ``handler``, or plain HTTP.
-
-    With ``poller``, the accepted socket's messages are read by the poller's task (see
-    :meth:`WireSocket.deliver_messages`). Never raises except Cancelled; the stream is
-    closed when this returns.
-    """
-    try:
-        read = None
-        with trio.move_on_after(HANDSHAKE_TIMEOUT):
-            try:
-                read = await _read_head(stream)
-            except _HeadTooLarge:
-                await _answer(stream, _http_response(431, "text/plain", b"head too large"))
-                return
-        if read is None:
-            return  # hung up, or sent no head in time
-        request = _parse_head(read[0])
-        if request is None:
-            await _answer(stream, _http_response(400, "text/plain", b"bad request"))
-            return
-        rest = read[1]
-        if isinstance(stream, trio.SocketStream):
-            request = attrs.evolve(request, remote=stream.socket.getpeername())
-        if not request.is_websocket:
-            if request.method not in ("GET", "HEAD"):
-                await _answer(stream, _http_response(405, "text/plain", b"GET only"))
-                return
-            status, content_type, body = http_handler(request)
-            head_only = request.method == "HEAD"
-            await _answer(stream, _http_response(status, content_type, body, head_only))
-            return
-        if request.headers.get("sec-websocket-version") != "13" or not request.headers.get(
-            "sec-websocket-key"
-        ):
-            await _answer(stream, _http_response(426, "text/plain", b"WebSocket version 13"))
-            return
-        await handler(WireRequest(stream, request, rest, max_message_size, poller))
-    except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
-        pass
-    except Exception as exc:
-        logger.warning("a connection failed and was closed: %r", exc)
-    finally:
-        await trio.aclose_forcefully(stream)

@@ -1,0 +1,279 @@
+"""The WebSocket opening handshake (RFC 6455 section 4), and the one request type.
+
+:class:`HandshakeRequest` is what a connection handler gets on either transport: the
+path, the headers, the peer's address, the offered subprotocols, and ``accept()`` or
+``reject()``. On the wire transport :func:`serve_wire_stream` reads the request head
+with h11 (:mod:`._http`), answers plain HTTP and refused upgrades itself, and hands
+a well-formed upgrade to the handler; ``accept()`` writes the 101 and returns a
+:class:`~._wire.WireSocket`. The trio-websocket transport wraps wsproto's request in the
+same type, from the same h11 reading of the head (see :mod:`._listener`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed
+
+from ._http import (
+    BadRequest,
+    HttpHandler,
+    HttpRequest,
+    answer,
+    default_http_handler,
+    header_tokens,
+    http_response,
+    read_request,
+)
+from ._poller import ReadPoller
+from ._wire import WireSocket
+
+logger = logging.getLogger("canvas_store_trio")
+
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a new connection has to send its whole request head (either transport)."""
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_TEXT = "text/plain; charset=utf-8"
+
+
+class MessageSocket(Protocol):
+    """The part of a WebSocket connection a room uses (trio-websocket's API)."""
+
+    async def get_message(self) -> str | bytes: ...
+
+    async def send_message(self, message: str | bytes) -> None: ...
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+    async def ping(self, payload: bytes | None = None) -> None: ...
+
+
+class AcceptedSocket(MessageSocket, Protocol):
+    """What ``HandshakeRequest.accept()`` returns: ``closed`` is set once it has ended."""
+
+    @property
+    def closed(self) -> object: ...
+
+
+@attrs.define(eq=False)
+class HandshakeRequest:
+    """A WebSocket upgrade waiting for an answer: :meth:`accept` or :meth:`reject`.
+
+    ``path`` is the request target (path and query), ``headers`` has lower-case names
+    (a repeated header's values joined with ``", "``), ``remote`` is the peer's
+    ``(host, port)`` (None when the stream is not a TCP socket) and ``subprotocols``
+    the ones the client offered, in its order. Answer once; the handler that got the
+    request owns the accepted socket and closes it (the transport closes the TCP
+    stream when the handler returns).
+    """
+
+    path: str
+    headers: Mapping[str, str]
+    remote: tuple[str, int] | None
+    subprotocols: tuple[str, ...]
+    _accept_with: Callable[[str | None], Awaitable[AcceptedSocket]] = attrs.field(
+        alias="accept_with", repr=False
+    )
+    _reject_with: Callable[[int, bytes], Awaitable[None]] = attrs.field(
+        alias="reject_with", repr=False
+    )
+    _answered: bool = attrs.field(default=False, init=False, repr=False)
+
+    async def accept(self, *, subprotocol: str | None = None) -> AcceptedSocket:
+        """Send the 101 answer and return the connection.
+
+        ``subprotocol`` must be one of :attr:`subprotocols` (or None for none).
+        """
+        if subprotocol is not None and subprotocol not in self.subprotocols:
+            raise ValueError(f"subprotocol {subprotocol!r} was not offered")
+        self._answer_once()
+        return await self._accept_with(subprotocol)
+
+    async def reject(self, status: int = 403, body: bytes | str = b"") -> None:
+        """Refuse the upgrade with an HTTP ``status`` (400-599) and a plain-text body."""
+        if not 400 <= status <= 599:
+            raise ValueError(f"a rejection's status must be 400-599, not {status}")
+        self._answer_once()
+        await self._reject_with(status, body.encode() if isinstance(body, str) else body)
+
+    def _answer_once(self) -> None:
+        if self._answered:
+            raise RuntimeError("this handshake was already answered")
+        self._answered = True
+
+
+def offered_subprotocols(headers: Mapping[str, str]) -> tuple[str, ...]:
+    """The client's ``Sec-WebSocket-Protocol`` list, in its order."""
+    return tuple(header_tokens(headers, "sec-websocket-protocol"))
+
+
+def accept_token(key: str) -> str:
+    """The ``Sec-WebSocket-Accept`` value for a client's ``Sec-WebSocket-Key``."""
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode()
+
+
+def _is_valid_key(key: str) -> bool:
+    try:
+        return len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
+    except (binascii.Error, UnicodeEncodeError):
+        return False
+
+
+def upgrade_refusal(request: HttpRequest) -> bytes | None:
+    """The HTTP answer to an upgrade RFC 6455 (section 4.2.1) does not allow; None if fine."""
+    if request.method != "GET":
+        return http_response(
+            405, _TEXT, b"A WebSocket upgrade must be a GET.\n", extra_headers={"Allow": "GET"}
+        )
+    if request.http_version != "1.1":
+        return http_response(400, _TEXT, b"A WebSocket upgrade needs HTTP/1.1.\n")
+    if "upgrade" not in header_tokens(request.headers, "connection"):
+        return http_response(400, _TEXT, b"A WebSocket upgrade needs Connection: Upgrade.\n")
+    if request.headers.get("sec-websocket-version", "").strip() != "13":
+        return http_response(
+            426,
+            _TEXT,
+            b"Only WebSocket version 13 is supported.\n",
+            extra_headers={"Sec-WebSocket-Version": "13"},
+        )
+    if not _is_valid_key(request.headers.get("sec-websocket-key", "").strip()):
+        return http_response(
+            400, _TEXT, b"Sec-WebSocket-Key must be 16 bytes in base64.\n"
+        )
+    return None
+
+
+@attrs.frozen
+class Upgrade:
+    """A well-formed upgrade request: parsed, its raw head, and the bytes after the head."""
+
+    request: HttpRequest
+    head: bytes
+    rest: bytes
+
+
+async def read_upgrade(
+    stream: trio.abc.Stream, http_handler: HttpHandler = default_http_handler
+) -> Upgrade | None:
+    """Read a request head; answer everything but a well-formed WebSocket upgrade.
+
+    A client gets :data:`HANDSHAKE_TIMEOUT` to send its head. A head h11 refuses gets
+    400 (431 if too large), plain GET and HEAD requests ``http_handler``'s answer, an
+    upgrade RFC 6455 refuses its 4xx; each of these returns None, as does a client
+    that hangs up or runs out of time. The caller closes the stream either way.
+    """
+    read = None
+    with trio.move_on_after(HANDSHAKE_TIMEOUT):
+        try:
+            read = await read_request(stream)
+        except BadRequest as exc:
+            await answer(stream, http_response(exc.status, _TEXT, f"{exc}\n".encode()))
+            return None
+    if read is None:
+        return None
+    request, head, rest = read
+    refusal = (
+        upgrade_refusal(request) if request.is_websocket else _plain_answer(request, http_handler)
+    )
+    if refusal is not None:
+        await answer(stream, refusal)
+        return None
+    return Upgrade(request, head, rest)
+
+
+def handshake_request(
+    request: HttpRequest,
+    accept_with: Callable[[str | None], Awaitable[AcceptedSocket]],
+    reject_with: Callable[[int, bytes], Awaitable[None]],
+) -> HandshakeRequest:
+    """The handler's view of a well-formed upgrade, the same on both transports."""
+    return HandshakeRequest(
+        request.path,
+        request.headers,
+        request.remote,
+        offered_subprotocols(request.headers),
+        accept_with=accept_with,
+        reject_with=reject_with,
+    )
+
+
+async def serve_wire_stream(
+    handler: Callable[[HandshakeRequest], Awaitable[None]],
+    stream: trio.abc.Stream,
+    *,
+    max_message_size: int,
+    http_handler: HttpHandler = default_http_handler,
+    poller: ReadPoller | None = None,
+) -> None:
+    """Serve one TCP connection: a WebSocket handshake for ``handler``, or plain HTTP.
+
+    Only a well-formed upgrade reaches ``handler`` (see :func:`read_upgrade`). With
+    ``poller``, the accepted socket's messages are read by the poller's task (see
+    :meth:`WireSocket.deliver_messages`). Never raises except Cancelled; the stream is
+    closed when this returns.
+    """
+    try:
+        upgrade = await read_upgrade(stream, http_handler)
+        if upgrade is None:
+            return
+        accept = functools.partial(
+            _accept, stream, upgrade.request, upgrade.rest, max_message_size, poller
+        )
+        reject = functools.partial(_reject, stream)
+        await handler(handshake_request(upgrade.request, accept, reject))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
+        pass
+    except Exception as exc:
+        logger.warning("a connection failed and was closed: %r", exc)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+def _plain_answer(request: HttpRequest, http_handler: HttpHandler) -> bytes:
+    """The answer to a request that is not an upgrade."""
+    if request.method not in ("GET", "HEAD"):
+        return http_response(
+            405, _TEXT, b"Only GET and HEAD are served.\n", extra_headers={"Allow": "GET, HEAD"}
+        )
+    status, content_type, body = http_handler(request)
+    return http_response(status, content_type, body, head_only=request.method == "HEAD")
+
+
+async def _accept(
+    stream: trio.abc.Stream,
+    request: HttpRequest,
+    rest: bytes,
+    max_message_size: int,
+    poller: ReadPoller | None,
+    subprotocol: str | None,
+) -> WireSocket:
+    key = request.headers["sec-websocket-key"].strip()
+    head = [
+        "HTTP/1.1 101 Switching Protocols",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Accept: {accept_token(key)}",
+    ]
+    if subprotocol is not None:
+        head.append(f"Sec-WebSocket-Protocol: {subprotocol}")
+    await stream.send_all(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+    return WireSocket(
+        stream,
+        request,
+        max_message_size=max_message_size,
+        buffered=rest,
+        poller=poller,
+    )
+
+
+async def _reject(stream: trio.abc.Stream, status: int, body: bytes) -> None:
+    await answer(stream, http_response(status, _TEXT, body))

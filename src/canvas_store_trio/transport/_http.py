@@ -1,0 +1,157 @@
+"""HTTP/1.1 on the cold path: read one request head with h11, answer it, hang up.
+
+Every connection starts here: a WebSocket upgrade, or a plain request for the health
+answer (or the demo page, or later ``/metrics``). h11 does the parsing, so a request
+line or header that RFC 9112 refuses gets a 400, and a head over
+:data:`MAX_HEAD_SIZE` a 431, before any of our code looks at it. Responses are ours to
+write: a status line and a few fixed headers, always ``Connection: close``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import attrs
+import h11
+import trio
+
+MAX_HEAD_SIZE = 16 * 1024
+"""Bytes in an HTTP request head (request line and headers)."""
+
+_REASONS = {
+    101: "Switching Protocols",
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    426: "Upgrade Required",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def header_tokens(headers: Mapping[str, str], name: str) -> list[str]:
+    """The comma-separated tokens of a header, lower-cased (``Connection: keep-alive, Upgrade``)."""
+    return [token.strip().lower() for token in headers.get(name, "").split(",") if token.strip()]
+
+
+@attrs.frozen
+class HttpRequest:
+    """A parsed HTTP request head.
+
+    Header names are lower-case; a header sent more than once has its values joined
+    with ``", "``. ``remote`` is the peer's ``(host, port)`` when it is a TCP socket.
+    """
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    remote: tuple[str, int] | None = None
+    http_version: str = "1.1"
+
+    @property
+    def is_websocket(self) -> bool:
+        """Whether this asks for a WebSocket (``Upgrade: websocket``)."""
+        return "websocket" in header_tokens(self.headers, "upgrade")
+
+
+HttpResponse = tuple[int, str, bytes]
+"""``(status, content_type, body)``"""
+HttpHandler = Callable[[HttpRequest], HttpResponse]
+
+
+def default_http_handler(request: HttpRequest) -> HttpResponse:
+    """Plain HTTP requests get a health answer, as the Node example server gives."""
+    return 200, "text/plain; charset=utf-8", b"ok"
+
+
+class BadRequest(Exception):
+    """A request head that cannot be served; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def read_request(stream: trio.abc.Stream) -> tuple[HttpRequest, bytes, bytes] | None:
+    """Read one request head; return it parsed, its raw bytes, and the bytes after it.
+
+    Returns None if the peer hangs up before a whole head arrives. Raises
+    :class:`BadRequest` for a head h11 refuses, or one over :data:`MAX_HEAD_SIZE`.
+    The bytes after the head are a WebSocket client's first frames (or a body, which
+    no request we serve has). The head is found by its blank line, then parsed by h11.
+    Cancellation leaves the stream to the caller.
+    """
+    buffer = bytearray()
+    while (end := buffer.find(b"\r\n\r\n")) < 0:
+        if len(buffer) > MAX_HEAD_SIZE:
+            raise BadRequest(431, "request head too large")
+        data = await stream.receive_some(MAX_HEAD_SIZE)
+        if not data:
+            return None
+        buffer += data
+    if end + 4 > MAX_HEAD_SIZE:
+        raise BadRequest(431, "request head too large")
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(bytes(buffer[: end + 4]))
+    try:
+        request = connection.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise BadRequest(exc.error_status_hint, str(exc)) from None
+    assert isinstance(request, h11.Request)  # a whole head is a Request or an error
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in request.headers:
+        name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    remote = None
+    if isinstance(stream, trio.SocketStream):
+        peer = stream.socket.getpeername()
+        remote = (peer[0], peer[1]) if isinstance(peer, tuple) else None
+    parsed = HttpRequest(
+        request.method.decode("ascii"),
+        request.target.decode("latin-1"),
+        headers,
+        remote,
+        request.http_version.decode("ascii"),
+    )
+    return parsed, bytes(buffer[: end + 4]), bytes(buffer[end + 4 :])
+
+
+def http_response(
+    status: int,
+    content_type: str,
+    body: bytes,
+    *,
+    head_only: bool = False,
+    extra_headers: Mapping[str, str] | None = None,
+) -> bytes:
+    """A whole ``Connection: close`` response; ``head_only`` leaves the body out (HEAD)."""
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-cache",
+        *(f"{name}: {value}" for name, value in (extra_headers or {}).items()),
+        "Connection: close",
+    ]
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body
+
+
+async def answer(stream: trio.abc.Stream, response: bytes) -> None:
+    """Send a plain HTTP response, then let the client hang up first (briefly).
+
+    Closing a socket with unread request bytes resets it, which can cut the response
+    short on the client's side; a half-close and a short wait avoid that. The caller
+    closes the stream.
+    """
+    await stream.send_all(response)
+    if isinstance(stream, trio.abc.HalfCloseableStream):
+        await stream.send_eof()
+        with trio.move_on_after(2.0):
+            while await stream.receive_some(MAX_HEAD_SIZE):
+                pass
