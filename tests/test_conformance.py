@@ -32,7 +32,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from canvas_store_trio._protocol import Limits
-from canvas_store_trio.transport._listener import TRANSPORTS, serve_websockets
+from canvas_store_trio.transport._listener import TRANSPORTS, Transport, serve_websockets
 
 from .ws_raw import (
     BINARY,
@@ -64,7 +64,7 @@ async def echo(request: Any) -> None:
 
 
 @asynccontextmanager
-async def echo_server(transport: str, max_message_size: int) -> AsyncIterator[int]:
+async def echo_server(transport: Transport, max_message_size: int) -> AsyncIterator[int]:
     """An echo server on a loopback port (yielded); cancelled on exit."""
     async with trio.open_nursery() as nursery:
         serve = functools.partial(
@@ -81,7 +81,9 @@ async def echo_server(transport: str, max_message_size: int) -> AsyncIterator[in
 
 
 @asynccontextmanager
-async def connected(transport: str, limit: int, early: bytes = b"") -> AsyncIterator[RawClient]:
+async def connected(
+    transport: Transport, limit: int, early: bytes = b""
+) -> AsyncIterator[RawClient]:
     """A raw client of a fresh echo server, past the handshake; closed on exit."""
     async with echo_server(transport, limit) as port:
         client = await RawClient.open(port, early=early)
@@ -438,20 +440,21 @@ add("7.1.5", functools.partial(
     after_close, before=[frame(TEXT, F1, fin=False)], after=[frame(CONTINUATION, F2)]))
 
 
-@case("7.1.6")
-async def big_message_then_close_then_ping(c: RawClient) -> None:
-    """A 256 KiB message, close, ping in one write: the echo may come or not (Autobahn
+async def message_then_close(c: RawClient, payload: bytes) -> None:
+    """A message, a close and a ping in one write: the echo may come or not (Autobahn
     leaves it to the implementation), then the close; never a pong."""
-    big = payload_of(TEXT, 256 * 1024)
     c.close_sent = True
-    await c.send(frame(TEXT, big), frame(CLOSE, close_payload(1000)), frame(PING, b"late"))
+    await c.send(frame(TEXT, payload), frame(CLOSE, close_payload(1000)), frame(PING, b"late"))
     got = await c.next_message()
-    assert got is not None
+    assert got is not None, "EOF without a close frame"
     if got.opcode == TEXT:
-        assert got.payload == big
+        assert got.payload == payload
     else:
         c.push_back(got)
     await c.expect_close(1000)
+
+
+add("7.1.6", functools.partial(message_then_close, payload=payload_of(TEXT, 256 * 1024)))
 
 
 add("7.3.1", functools.partial(RawClient.close, code=None))
@@ -482,11 +485,11 @@ async def too_big(c: RawClient, frames: list[bytes]) -> None:
     await c.expect_close_while_sending(b"".join(frames), 1009)
 
 
-for opcode, kind in ((TEXT, "text"), (BINARY, "binary")):
+for opcode, name in ((TEXT, "text"), (BINARY, "binary")):
     at_limit = payload_of(opcode, DEFAULT_LIMIT)
-    add(f"9.limit.{kind}-at-default-limit",
+    add(f"9.limit.{name}-at-default-limit",
         functools.partial(echo_one, opcode=opcode, payload=at_limit), DEFAULT_LIMIT)
-    add(f"9.limit.{kind}-over-default-limit", functools.partial(
+    add(f"9.limit.{name}-over-default-limit", functools.partial(
         too_big, frames=[frame(opcode, at_limit + payload_of(opcode, 1))]), DEFAULT_LIMIT)
 add("9.limit.fragments-over-default-limit", functools.partial(too_big, frames=fragments(
     payload_of(TEXT, DEFAULT_LIMIT + 1), list(range(1 << 22, DEFAULT_LIMIT + 1, 1 << 22)))),
@@ -501,9 +504,9 @@ for kind, opcode in ((1, TEXT), (2, BINARY)):
     for number, piece in enumerate((64, 256, 1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18,
                                     SMALL_LIMIT), 1):
         message = payload_of(opcode, SMALL_LIMIT)
-        split = fragments(message, list(range(piece, SMALL_LIMIT, piece)), opcode)
         add(f"9.{kind + 2}.{number}", functools.partial(
-            echo_frames, opcode=opcode, frames=split, expected=message))
+            echo_frames, opcode=opcode, expected=message,
+            frames=fragments(message, list(range(piece, SMALL_LIMIT, piece)), opcode)))
     over = payload_of(opcode, SMALL_LIMIT + 1)
     add(f"9.{kind + 2}.over", functools.partial(too_big, frames=fragments(
         over, list(range(1 << 16, SMALL_LIMIT + 1, 1 << 16)), opcode)))
@@ -542,7 +545,7 @@ def case_params() -> list[Any]:
 
 
 @pytest.mark.parametrize(("transport", "case_id"), case_params())
-async def test_case(transport: str, case_id: str) -> None:
+async def test_case(transport: Transport, case_id: str) -> None:
     spec = CASES[case_id]
     with trio.fail_after(CASE_TIMEOUT):
         async with connected(transport, spec.limit) as client:
@@ -557,7 +560,7 @@ async def test_case(transport: str, case_id: str) -> None:
             strict=True, reason=f"trio-websocket: {EARLY_FRAMES}")),
     ],
 )
-async def test_frames_in_the_same_write_as_the_handshake(transport: str) -> None:
+async def test_frames_in_the_same_write_as_the_handshake(transport: Transport) -> None:
     """Frames right behind the upgrade request, before its answer, are served in order.
 
     (RFC 6455 4.1 tells a client to wait for the answer; a server that serves them anyway
@@ -572,3 +575,17 @@ async def test_frames_in_the_same_write_as_the_handshake(transport: str) -> None
             await client.expect(BINARY, b"\x00\xff")
             await client.expect(PONG, b"after the handshake")
             await client.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_close_right_behind_a_message_is_answered_every_time(transport: Transport) -> None:
+    """7.1.6 small and twenty times over: the close is answered whichever task runs first
+    (the handler echoing the message, or the reader answering the close)."""
+    with trio.fail_after(CASE_TIMEOUT):
+        async with echo_server(transport, SMALL_LIMIT) as port:
+            for _ in range(20):
+                client = await RawClient.open(port)
+                try:
+                    await message_then_close(client, b"Hello")
+                finally:
+                    await client.aclose()

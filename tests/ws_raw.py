@@ -202,8 +202,8 @@ class RawClient:
     async def next_message(self) -> Frame | None:
         """The next control frame or whole data message (fragments joined and checked)."""
         if self._pushed is not None:
-            got, self._pushed = self._pushed, None
-            return got
+            pushed, self._pushed = self._pushed, None
+            return pushed
         while (got := await self.next_frame()) is not None:
             if got.opcode >= CLOSE:
                 return got
