@@ -149,7 +149,7 @@ async def test_rooms_loading_at_once_share_thread_hand_offs(
         await FileStorage(dir=tmp_path, room_id=f"room-{i}").save(Snapshot(timestamp=i))
     (tmp_path / "broken.json").mkdir()  # reading a folder fails with EISDIR
     batches.clear()
-    loaded: dict[str, Snapshot | None | str] = {}
+    loaded: dict[str, Snapshot | str | None] = {}
 
     async def load(room_id: str) -> None:
         try:
