@@ -16,6 +16,8 @@
 //   stall - a probe in its own room sends ephemeral patches back to back while a big room
 //           saves; reports the longest gap between two probe acks.
 //   idle  - server RSS before/after opening N idle sessions in one room, or N rooms.
+//   burst - N rooms opened at once: N clients, one per room, all connecting in the same
+//           tick with lastTimestamp 0; per-client time from `new WebSocket` to `synced`.
 //
 // Every wait is bounded: per-connection timeouts, drain timeouts and a hard process deadline.
 import { createRequire } from 'node:module'
@@ -521,7 +523,48 @@ async function shapeIdle() {
   return { mode, n, rss0KB: rss0, rss1KB: rss1, rssSeriesKB: series, perItemBytes: ((rss1 - rss0) * 1024) / n, unexpectedCloses }
 }
 
-const shapes = { edit: shapeEdit, join: shapeJoin, stall: shapeStall, idle: shapeIdle }
+// ---- shape: burst ----
+async function shapeBurst() {
+  const { n, bursts, saved, prefix, gapMs = 1000, timeout = 60 } = P
+  // One session first, so the server's lazy start-up (imports, first thread) is not
+  // counted against the first burst.
+  const warm = await connect(`${prefix}-warm`, 'warm-0', { timeout })
+  await sleep(gapMs)
+  const held = [warm]
+  const out = []
+  const pct = (v, q) => v[Math.min(v.length - 1, Math.floor(q * v.length))]
+  emit({ event: 'phase', name: 'measure' })
+  for (let b = 0; b < bursts; b++) {
+    const a = cpuWindow()
+    const tb = now()
+    // Every socket is opened in this one tick; nothing is awaited in between.
+    const pending = []
+    for (let i = 0; i < n; i++) pending.push(connect(`${prefix}-b${b}-room-${i}`, `c${b}-${i}`, { timeout }))
+    const sessions = await Promise.all(pending)
+    const c = cpuWindow()
+    held.push(...sessions)
+    for (const s of sessions) {
+      // A saved room loaded its file (synced at its timestamp); a new room is empty.
+      if (saved ? !s.syncTimestamp : s.syncTimestamp) fail(`room ${s.roomId} synced at ${s.syncTimestamp}, saved=${saved}`)
+    }
+    const joins = sessions.map((s) => s.tSynced - s.t0).sort((x, y) => x - y)
+    const opens = sessions.map((s) => s.tOpen - s.t0).sort((x, y) => x - y)
+    const after = sessions.map((s) => s.tSynced - s.tOpen).sort((x, y) => x - y)
+    out.push({
+      p50Ms: pct(joins, 0.5), p99Ms: pct(joins, 0.99), maxMs: joins[joins.length - 1],
+      openP50Ms: pct(opens, 0.5), openP99Ms: pct(opens, 0.99),
+      afterOpenP50Ms: pct(after, 0.5), afterOpenP99Ms: pct(after, 0.99),
+      wallMs: Math.max(...sessions.map((s) => s.tSynced)) - tb,
+      serverCpuS: c.server - a.server, loadgenCpuS: cpuDelta(a, c).loadgenCpuS,
+    })
+    await sleep(gapMs)
+  }
+  emit({ event: 'phase', name: 'done' })
+  closeAll(held)
+  return { n, bursts: out, unexpectedCloses }
+}
+
+const shapes = { edit: shapeEdit, join: shapeJoin, stall: shapeStall, idle: shapeIdle, burst: shapeBurst }
 try {
   const fn = shapes[cfg.shape]
   if (!fn) fail(`unknown shape ${cfg.shape}`)

@@ -45,8 +45,9 @@ async def test_save_then_load_round_trips_in_the_node_format(tmp_path: Path) -> 
     assert os.listdir(tmp_path / "nested") == ["room-1.json"]
 
 
-async def test_a_failed_write_leaves_the_old_snapshot(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_failed_write_leaves_the_old_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     storage = FileStorage(dir=tmp_path, room_id="r")
     await storage.save(Snapshot(1, {"a/b": {"_exists": True}}, {"a/b": {"_exists": 1}}))
 
@@ -72,10 +73,24 @@ async def test_concurrent_saves_are_serialized_and_the_last_wins(tmp_path: Path)
     assert loaded is not None and loaded.timestamp == 19
 
 
-@pytest.mark.parametrize("room_id", [
-    "../../x", "..", ".", ".hidden", "a/b", "/etc/passwd", "C:\\x", "a\\..\\b",
-    "é🙂", "con", "x" * 200, "~tilde", "a b?c#d",
-])
+@pytest.mark.parametrize(
+    "room_id",
+    [
+        "../../x",
+        "..",
+        ".",
+        ".hidden",
+        "a/b",
+        "/etc/passwd",
+        "C:\\x",
+        "a\\..\\b",
+        "é🙂",
+        "con",
+        "x" * 200,
+        "~tilde",
+        "a b?c#d",
+    ],
+)
 async def test_hostile_room_ids_stay_inside_the_folder(tmp_path: Path, room_id: str) -> None:
     inside = tmp_path / "data"
     storage = FileStorage(dir=inside, room_id=room_id)
@@ -92,11 +107,18 @@ def test_plain_room_ids_keep_the_node_file_name() -> None:
     assert room_file_name(".x").startswith("~")
 
 
-@pytest.mark.parametrize("content", [
-    b"", b"{", b"null", b"[]", b'{"timestamp": "1", "state": {}}',
-    b'{"timestamp": 1, "state": {"a/b": 5}, "timestamps": {}}',
-    b'{"timestamp": 1, "state": {}, "timestamps": {"a/b": {"x": "1"}}}',
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"{",
+        b"null",
+        b"[]",
+        b'{"timestamp": "1", "state": {}}',
+        b'{"timestamp": 1, "state": {"a/b": 5}, "timestamps": {}}',
+        b'{"timestamp": 1, "state": {}, "timestamps": {"a/b": {"x": "1"}}}',
+    ],
+)
 async def test_a_corrupt_file_is_refused_and_kept(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "r.json"
     path.write_bytes(content)
@@ -109,6 +131,43 @@ async def test_an_unreadable_file_is_an_error_not_an_empty_room(tmp_path: Path) 
     (tmp_path / "r.json").mkdir()  # reading a folder fails with EISDIR
     with pytest.raises(StorageError):
         await FileStorage(dir=tmp_path, room_id="r").load()
+
+
+async def test_rooms_loading_at_once_share_thread_hand_offs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[int] = []
+    do_batch = _storage.FolderReader._do_batch
+
+    def counting(self: _storage.FolderReader, batch: list[_storage._ReadJob]) -> None:
+        batches.append(len(batch))
+        time.sleep(0.02)  # the rest queue up meanwhile
+        do_batch(self, batch)
+
+    monkeypatch.setattr(_storage.FolderReader, "_do_batch", counting)
+    for i in range(0, 30, 2):  # every other room is saved; the rest are new
+        await FileStorage(dir=tmp_path, room_id=f"room-{i}").save(Snapshot(timestamp=i))
+    (tmp_path / "broken.json").mkdir()  # reading a folder fails with EISDIR
+    batches.clear()
+    loaded: dict[str, Snapshot | str | None] = {}
+
+    async def load(room_id: str) -> None:
+        try:
+            loaded[room_id] = await FileStorage(dir=tmp_path, room_id=room_id).load()
+        except StorageError as exc:
+            loaded[room_id] = str(exc)
+
+    async with trio.open_nursery() as nursery:
+        for room_id in [*(f"room-{i}" for i in range(30)), "broken"]:
+            nursery.start_soon(load, room_id)
+    assert sum(batches) == 31 and len(batches) <= 3, batches
+    for i in range(30):
+        snapshot = loaded[f"room-{i}"]
+        if i % 2:
+            assert snapshot is None
+        else:
+            assert isinstance(snapshot, Snapshot) and snapshot.timestamp == i
+    assert str(loaded["broken"]).startswith(f"cannot read {tmp_path / 'broken.json'}: ")
 
 
 def counting_folder_fsyncs(
