@@ -113,7 +113,6 @@ NO_CLOSE_FRAME = (
     "a close frame, and without sending what the handler was about to"
 )
 CODE_1014 = "wsproto refuses the registered close code 1014 (Bad Gateway) as reserved"
-EARLY_FRAMES = "wsproto's server drops the bytes that came in the upgrade request's read"
 
 
 def add(case_id: str, run: Case, limit: int = SMALL_LIMIT, bug: str | None = None) -> None:
@@ -552,14 +551,7 @@ async def test_case(transport: Transport, case_id: str) -> None:
             await spec.run(client)
 
 
-@pytest.mark.parametrize(
-    "transport",
-    [
-        "wire",
-        pytest.param("trio-websocket", marks=pytest.mark.xfail(
-            strict=True, reason=f"trio-websocket: {EARLY_FRAMES}")),
-    ],
-)
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_frames_in_the_same_write_as_the_handshake(transport: Transport) -> None:
     """Frames right behind the upgrade request, before its answer, are served in order.
 

@@ -51,7 +51,7 @@ from wsproto.frame_protocol import (
     XorMaskerSimple,
 )
 
-from canvas_store_trio.transport._wire import serve_wire_stream
+from canvas_store_trio.transport._handshake import serve_wire_stream
 
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 BIG = 2**31

@@ -35,10 +35,13 @@ _OP_CLOSE, _OP_PING, _OP_PONG = 0x8, 0x9, 0xA
 
 
 class _ProtocolViolation(Exception):
-    def __init__(self, code: int, reason: str) -> None:
+    """A frame RFC 6455 forbids; ``in_close`` if it was the peer's (bad) close frame."""
+
+    def __init__(self, code: int, reason: str, *, in_close: bool = False) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.in_close = in_close
 
 
 def _text_header(length: int) -> bytes:
@@ -75,14 +78,18 @@ def _check_close_payload(payload: bytes) -> None:
     if not payload:
         return
     if len(payload) == 1:
-        raise _ProtocolViolation(1002, "close frame with a 1-byte payload")
+        raise _ProtocolViolation(1002, "close frame with a 1-byte payload", in_close=True)
     (code,) = struct.unpack_from("!H", payload)
     if not is_sendable_close_code(code):
-        raise _ProtocolViolation(1002, f"close code {code} is not allowed on the wire")
+        raise _ProtocolViolation(
+            1002, f"close code {code} is not allowed on the wire", in_close=True
+        )
     try:
         payload[2:].decode()
     except UnicodeDecodeError:
-        raise _ProtocolViolation(1007, "close reason is not valid UTF-8") from None
+        raise _ProtocolViolation(
+            1007, "close reason is not valid UTF-8", in_close=True
+        ) from None
 
 
 def _unmask(payload: bytes | bytearray, mask: bytes) -> bytes:
@@ -308,7 +315,7 @@ class WireSocket:
                     raise held
                 message = held or self._next_message()
             except _ProtocolViolation as violation:
-                await self._fail(violation.code, violation.reason)
+                await self._fail(violation)
                 continue
             if isinstance(message, tuple):
                 await self._on_control(*message)
@@ -405,10 +412,21 @@ class WireSocket:
         else:
             raise _ProtocolViolation(1002, f"unknown control opcode {opcode}")
 
-    async def _fail(self, code: int, reason: str) -> None:
+    async def _fail(self, violation: _ProtocolViolation) -> None:
+        """Close with the violation's code; after a bad close frame, hang up at once
+        (the peer has already closed its side of the handshake)."""
+        code, reason = violation.code, violation.reason
         logger.info("closing a connection: %s (%d)", reason, code)
         try:
-            await self.aclose(code, reason)
+            if violation.in_close and not self._close_sent:
+                self._close_sent = True
+                with trio.move_on_after(2.0):
+                    await self._write(_control_frame(_OP_CLOSE, _close_payload(code, reason)))
+                await trio.aclose_forcefully(self._stream)
+            else:
+                await self.aclose(code, reason)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
         finally:
             self._set_closed(code, reason)
 
