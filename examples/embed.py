@@ -13,12 +13,12 @@ import os
 import signal
 
 import trio
-from trio_websocket import WebSocketRequest
 
 from canvas_store_trio import (
     AuthorizeInfo,
     AuthorizeResult,
     FileStorage,
+    HandshakeRequest,
     Limits,
     RoomManager,
     serve_connection,
@@ -68,7 +68,7 @@ async def sync_service() -> None:
         trio.open_nursery() as nursery,
     ):
 
-        async def sync_endpoint(request: WebSocketRequest) -> None:
+        async def sync_endpoint(request: HandshakeRequest) -> None:
             await serve_connection(manager, request, authorize=authorize)
 
         await nursery.start(

@@ -11,9 +11,15 @@ import os
 import signal
 
 import trio
-from trio_websocket import WebSocketRequest
 
-from canvas_store_trio import FileStorage, Limits, RoomManager, serve_connection, serve_websockets
+from canvas_store_trio import (
+    FileStorage,
+    HandshakeRequest,
+    Limits,
+    RoomManager,
+    serve_connection,
+    serve_websockets,
+)
 
 PORT = int(os.environ.get("PORT") or 8087)
 
@@ -31,7 +37,7 @@ async def main() -> None:
             trio.open_nursery() as nursery,
         ):
 
-            async def handler(request: WebSocketRequest) -> None:
+            async def handler(request: HandshakeRequest) -> None:
                 await serve_connection(manager, request)
 
             await nursery.start(
