@@ -119,7 +119,9 @@ class RoomManager:
                 raise RoomLoadError(f"room {room_id!r} could not be loaded") from room.load_error
             if room.accepting:
                 return room
-            await room.wait_closed()
+            # Loaded but closing: wait for it to end (then start afresh) or, if its
+            # closing save fails and it stays open, to take sessions again.
+            await room.wait_accepting_or_closed()
 
     def _start_room(self, room_id: str) -> Room:
         if len(self._rooms) >= self.limits.max_rooms:
@@ -193,7 +195,7 @@ class RoomManager:
         for room in rooms:
             room.begin_close()
         for room in rooms:
-            await room.wait_closed()
+            await room.wait_accepting_or_closed()
         failed = [room.room_id for room in rooms if room.unsaved]
         if failed:
             logger.error(

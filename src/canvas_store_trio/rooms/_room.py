@@ -113,6 +113,9 @@ class Room:
         self._unflushed: list[Session] = []
         """Sessions with queued frames, written out by :meth:`_flush` after each event."""
         self._accepting = False
+        self._settled = trio.Event()
+        """Set while the room accepts sessions, and once it has closed: what a join
+        waits for while the room loads or closes (see :meth:`wait_accepting_or_closed`)."""
         self._idle_scope = trio.CancelScope()
         self._close_requested = trio.Event()
         self._ready = trio.Event()
@@ -154,10 +157,11 @@ class Room:
             self.load_error = exc
             self._ready.set()
             self._closed.set()
+            self._settled.set()
             if on_closed:
                 on_closed(self)
             return
-        self._accepting = True
+        self._set_accepting(True)
         self._ready.set()
         try:
             async with trio.open_nursery() as nursery:
@@ -179,6 +183,7 @@ class Room:
             with trio.CancelScope(shield=True):
                 await self.saver.flush_quietly()
             self._closed.set()
+            self._settled.set()
             if on_closed:
                 on_closed(self)
 
@@ -188,6 +193,14 @@ class Room:
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
+
+    async def wait_accepting_or_closed(self) -> None:
+        """Wait until the room takes sessions or has closed (at once if it does now).
+
+        A room that is closing for idleness takes nobody while it saves; if that save
+        fails it stays open and takes sessions again.
+        """
+        await self._settled.wait()
 
     async def aclose(self) -> None:
         """Close every session, flush, and wait until the room has ended. Safe to repeat."""
@@ -199,8 +212,15 @@ class Room:
         self._stop_accepting()
         self._close_requested.set()
 
+    def _set_accepting(self, accepting: bool) -> None:
+        self._accepting = accepting
+        if accepting:
+            self._settled.set()
+        elif self._settled.is_set():
+            self._settled = trio.Event()
+
     def _stop_accepting(self) -> None:
-        self._accepting = False
+        self._set_accepting(False)
         sessions = list(self._sessions.values())
         self._sessions.clear()
         for session in sessions:
@@ -212,22 +232,27 @@ class Room:
                 self._reset_idle_deadline()
                 await self._close_requested.wait()
                 return
-            if not self._sessions:
-                # Save before closing; a room whose save fails stays open (and keeps
-                # retrying) rather than forgetting its acked edits.
-                if not await self.saver.save():
-                    logger.warning(
-                        "room %r stays open: its changes could not be saved (%s)",
-                        self.room_id,
-                        self.save_error,
-                    )
-                    continue
-                if self._sessions:
-                    continue
+            if self._sessions:
+                continue  # someone joined as the timer ran out
+            # The room closes: from now on a join waits for it to end, then gets a fresh
+            # room that loads what this one saved. Joining this one would be undone by
+            # the close (1001), and no edit can now arrive after the last save.
+            self._set_accepting(False)
+            if await self.saver.save():
                 logger.info(
                     "room %r closes after %g s without sessions", self.room_id, self._idle_timeout
                 )
                 return
+            if self._close_requested.is_set():
+                return
+            # A room whose save fails stays open (and keeps retrying) rather than
+            # forgetting its acked edits; the joins that waited come in now.
+            logger.warning(
+                "room %r stays open: its changes could not be saved (%s)",
+                self.room_id,
+                self.save_error,
+            )
+            self._set_accepting(True)
 
     def _reset_idle_deadline(self) -> None:
         if self._sessions:
