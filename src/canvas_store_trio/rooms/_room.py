@@ -154,7 +154,7 @@ class Room:
             self.document = await self.saver.load()
         except Exception as exc:
             logger.error("room %r refused: its snapshot could not be loaded: %s", self.room_id, exc)
-            self.load_error = exc
+            self.load_error = exc.with_traceback(None)  # its frames would hold the room
             self._ready.set()
             self._closed.set()
             self._settled.set()
@@ -182,6 +182,7 @@ class Room:
             self._stop_accepting()
             with trio.CancelScope(shield=True):
                 await self.saver.flush_quietly()
+            self.saver.forget_error_traceback()
             self._closed.set()
             self._settled.set()
             if on_closed:

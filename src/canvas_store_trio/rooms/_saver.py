@@ -52,7 +52,7 @@ class Saver:
         self._unsaved = trio.Event()
         self._lock = trio.Lock()
         self.error: BaseException | None = None
-        """The last save failure, or None once a save succeeds."""
+        """The last save failure (without its traceback), or None once a save succeeds."""
 
     @property
     def unsaved(self) -> bool:
@@ -124,16 +124,27 @@ class Saver:
                 self._unsaved.set()
                 if not isinstance(exc, Exception):
                     raise
-                self.error = exc
+                # Kept without its traceback: its frames hold this saver (a cycle) and
+                # the snapshot being saved.
+                self.error = exc.with_traceback(None)
                 return False
             self.error = None
             return True
 
     async def flush(self) -> None:
-        """Save now if anything is unsaved. Raise the storage's error if that fails."""
+        """Save now if anything is unsaved. Raise the storage's error if that fails.
+
+        The error raised is :attr:`error`, which gets a traceback on its way up:
+        :meth:`forget_error_traceback` drops it once the room has closed.
+        """
         if not await self.save():
             assert self.error is not None
             raise self.error
+
+    def forget_error_traceback(self) -> None:
+        """Drop the traceback :meth:`flush` gave :attr:`error`: its frames hold the saver."""
+        if self.error is not None:
+            self.error.__traceback__ = None
 
     async def flush_quietly(self) -> None:
         """The last save of a closing room: at most ``flush_timeout``, a failure logged."""

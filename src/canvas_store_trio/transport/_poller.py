@@ -111,6 +111,7 @@ class ReadPoller:
                         continue
                     if not keep and self._waiting.get(fd) is entry:
                         self._wake(fd, outcome.Value(True))
+                entry = None  # the last socket served is not kept until the next batch
                 self._run_after_batch()
         finally:
             self._run_after_batch()

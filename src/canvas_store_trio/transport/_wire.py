@@ -234,22 +234,28 @@ class WireSocket:
         frames, protocol errors and the end of the stream come back to this task, which
         answers them as :meth:`get_message` does. An exception from ``on_message`` is
         raised here. Cancellation stops delivery between two messages; bytes not yet
-        handled stay buffered.
+        handled stay buffered. The callbacks are dropped when this returns or raises:
+        they usually hold whoever owns this socket (a room's session), and keeping them
+        would make a cycle that only a full garbage collection frees.
         """
-        while self._pending:
-            on_message(self._pending.popleft())
-            after_messages()
-        while True:
-            message = await self._next_buffered()
-            if message is not None:
-                on_message(message)
+        try:
+            while self._pending:
+                on_message(self._pending.popleft())
                 after_messages()
-            elif self._poller is None or self._fd is None:
-                await self._read_more()
-            else:
-                self._on_message, self._after_messages = on_message, after_messages
-                if not await self._poller.wait(self._fd, self._on_readable):
-                    self._poller = None  # the poller stopped: read in this task from now on
+            while True:
+                message = await self._next_buffered()
+                if message is not None:
+                    on_message(message)
+                    after_messages()
+                elif self._poller is None or self._fd is None:
+                    await self._read_more()
+                else:
+                    self._on_message, self._after_messages = on_message, after_messages
+                    if not await self._poller.wait(self._fd, self._on_readable):
+                        self._poller = None  # the poller stopped: read in this task now
+        finally:
+            self._on_message = lambda message: None
+            self._after_messages = lambda: None
 
     def _on_readable(self) -> bool:
         """The poller's callback: read once, deliver whole messages; False to hand back."""
