@@ -29,12 +29,13 @@ from canvas_store_trio import (
     Snapshot,
     serve_connection,
 )
-from canvas_store_trio.rooms._connection import AuthorizeInfo, HandshakeRequest
+from canvas_store_trio.rooms._connection import AuthorizeInfo
 from canvas_store_trio.rooms._room import Room
 from canvas_store_trio.rooms._saver import Saver
 from canvas_store_trio.rooms._session import Session
+from canvas_store_trio.transport._handshake import HandshakeRequest
 from canvas_store_trio.transport._listener import serve_websockets
-from canvas_store_trio.transport._wire import WireRequest, WireSocket
+from canvas_store_trio.transport._wire import WireSocket
 
 from .conftest import Client, connect
 
@@ -49,7 +50,7 @@ def collector_off() -> Iterator[None]:
         gc.enable()
 
 
-OURS = (Room, Saver, Document, Session, WireSocket, WireRequest)
+OURS = (Room, Saver, Document, Session, WireSocket, HandshakeRequest)
 
 
 class Watch:
