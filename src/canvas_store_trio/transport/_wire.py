@@ -276,7 +276,7 @@ class WireSocket:
             try:
                 message = self._next_message()
             except _ProtocolViolation as violation:
-                self._held = violation
+                self._held = violation.with_traceback(None)  # its frames hold this socket
                 return False
             if message is None:
                 return True
