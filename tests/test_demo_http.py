@@ -17,6 +17,9 @@ from canvas_store_trio.cli._demo_page import DemoNotBuiltError, demo_http_handle
 from canvas_store_trio.transport import _handshake, _http
 from canvas_store_trio.transport._listener import serve_websockets
 
+from .test_handshake import parse_response
+from .test_hostile import wait_eof
+
 
 @pytest.fixture
 def assets(tmp_path: Path) -> Path:
@@ -57,17 +60,7 @@ async def http(url: str, raw: bytes) -> tuple[int, dict[str, str], bytes]:
     stream = await trio.open_tcp_stream(host, int(port))
     async with stream:
         await stream.send_all(raw)
-        data = b""
-        with trio.fail_after(5):
-            while chunk := await stream.receive_some(65536):
-                data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split(" ")[1]), headers, body
+        return parse_response(await wait_eof(stream))
 
 
 def get(path: str, method: str = "GET") -> bytes:

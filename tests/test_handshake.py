@@ -83,7 +83,8 @@ def upgrade(
     ).encode()
 
 
-def parse_head(data: bytes) -> tuple[int, dict[str, str], bytes]:
+def parse_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """A whole HTTP response: status, headers (lower-case names), body."""
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = {}
@@ -97,7 +98,7 @@ async def exchange(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         await stream.send_all(raw)
-        return parse_head(await wait_eof(stream))
+        return parse_response(await wait_eof(stream))
 
 
 # --- RFC 6455 4.2.1: what the wire transport refuses before any handler runs ----------
@@ -142,7 +143,7 @@ async def test_a_token_in_the_connection_list_counts_and_the_accept_token_is_rfc
             data = b""
             while b"\r\n\r\n" not in data:
                 data += await stream.receive_some(4096)
-            status, headers, _ = parse_head(data)
+            status, headers, _ = parse_response(data)
         assert status == 101
         assert headers["sec-websocket-accept"] == accept_token(KEY)
 

@@ -19,7 +19,6 @@ MAX_HEAD_SIZE = 16 * 1024
 """Bytes in an HTTP request head (request line and headers)."""
 
 _REASONS = {
-    101: "Switching Protocols",
     200: "OK",
     400: "Bad Request",
     401: "Unauthorized",

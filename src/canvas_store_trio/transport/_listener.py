@@ -55,22 +55,19 @@ class _HeldBackStream(trio.abc.Stream):
 
     def __init__(self, stream: trio.abc.Stream, head: bytes, rest: bytes) -> None:
         self._stream = stream
-        self._head = head
+        self._pending = head
+        """What the next reads return: the head, then (once released) the rest."""
         self._rest = rest
         self.released = trio.Event()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if not self._head:
+        if not self._pending:
             await self.released.wait()
-        held = self._head or self._rest
-        if not held:
+            self._pending, self._rest = self._rest, b""
+        if not self._pending:
             return bytes(await self._stream.receive_some(max_bytes))
-        size = len(held) if max_bytes is None else max_bytes
-        data, held = held[:size], held[size:]
-        if self._head:
-            self._head = held
-        else:
-            self._rest = held
+        size = len(self._pending) if max_bytes is None else max_bytes
+        data, self._pending = self._pending[:size], self._pending[size:]
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:

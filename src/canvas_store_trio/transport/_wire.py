@@ -139,6 +139,7 @@ class WireSocket:
         self._after_messages: Callable[[], None] = lambda: None
         self._pong = trio.Event()
         self._close_sent = False
+        self._peer_closed = False
         self.closed: CloseReason | None = None
 
     @property
@@ -419,20 +420,12 @@ class WireSocket:
             raise _ProtocolViolation(1002, f"unknown control opcode {opcode}")
 
     async def _fail(self, violation: _ProtocolViolation) -> None:
-        """Close with the violation's code; after a bad close frame, hang up at once
-        (the peer has already closed its side of the handshake)."""
         code, reason = violation.code, violation.reason
         logger.info("closing a connection: %s (%d)", reason, code)
+        # After a bad close frame the peer has closed its side: no close to wait for.
+        self._peer_closed = self._peer_closed or violation.in_close
         try:
-            if violation.in_close and not self._close_sent:
-                self._close_sent = True
-                with trio.move_on_after(2.0):
-                    await self._write(_control_frame(_OP_CLOSE, _close_payload(code, reason)))
-                await trio.aclose_forcefully(self._stream)
-            else:
-                await self.aclose(code, reason)
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            await self.aclose(code, reason)
         finally:
             self._set_closed(code, reason)
 
@@ -449,7 +442,8 @@ class WireSocket:
         return False
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
-        """Close with ``code``; wait up to 2 s for the peer's close frame. Idempotent."""
+        """Close with ``code``; wait up to 2 s for the peer's close frame (unless it came
+        already). Idempotent."""
         if self._close_sent or self.closed is not None:
             await trio.aclose_forcefully(self._stream)
             return
@@ -457,7 +451,7 @@ class WireSocket:
         try:
             await self._write(_control_frame(_OP_CLOSE, _close_payload(code, reason or "")))
             with trio.move_on_after(2.0):
-                while not self._close_in_buffer():
+                while not self._peer_closed and not self._close_in_buffer():
                     data = await self._stream.receive_some(RECEIVE_SIZE)
                     if not data:
                         break
