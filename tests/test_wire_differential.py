@@ -51,7 +51,7 @@ from wsproto.frame_protocol import (
     XorMaskerSimple,
 )
 
-from canvas_store_trio.transport._handshake import serve_wire_stream
+from canvas_store_trio.transport._handshake import HandshakeRequest, serve_wire_stream
 
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 BIG = 2**31
@@ -236,7 +236,7 @@ def run_ours(case: Case, max_message_size: int = BIG) -> Outcome:
     received: list[str | bytes] = []
     output = bytearray()
 
-    async def handler(request: Any) -> None:  # a WireRequest
+    async def handler(request: HandshakeRequest) -> None:
         ws = await request.accept()
         try:
             while True:
