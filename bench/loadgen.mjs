@@ -2,7 +2,7 @@
 // Load generator for bench/run.py. One process drives one server through one shape and
 // prints JSON lines on stdout: {"event":"stage",...} at barriers (multi-process runs) and
 // {"event":"result",...} at the end. It is a plain canvas-store protocol v2 client built on
-// `ws` (resolved from ../node/node_modules, the pinned copy).
+// `ws` (resolved from ../node/node_modules, the pinned copy, or $CANVAS_STORE_NODE_MODULES).
 //
 //   node bench/loadgen.mjs '<json config>'
 //
@@ -27,7 +27,12 @@ import { readFileSync, readdirSync, statSync } from 'node:fs'
 import { join } from 'node:path'
 import readline from 'node:readline'
 
-const require = createRequire(new URL('../node/package.json', import.meta.url))
+// $CANVAS_STORE_NODE_MODULES names another node_modules folder to resolve `ws` from (a
+// worktree without its own node/node_modules); bench/run.py sets it when it uses one.
+const nodeModules = process.env.CANVAS_STORE_NODE_MODULES
+const require = createRequire(
+  nodeModules ? join(nodeModules, 'resolve-from-here.js') : new URL('../node/package.json', import.meta.url),
+)
 const WebSocket = require('ws')
 
 const cfg = JSON.parse(process.argv[2])
@@ -229,14 +234,14 @@ async function shapeEdit() {
   // (the Node server can split a room in two when they do).
   const firsts = mine.filter((m) => m.first)
   const rest = mine.filter((m) => !m.first)
-  emit({ event: 'phase', name: 'connect' })
+  emit({ event: 'phase', name: 'connect', epochMs: epochNow() })
   const tc0 = now()
   const sessions = []
   sessions.push(...(await pool(firsts, concurrency, (m) => connect(m.room, m.client))))
   await barrier('firsts-joined')
   sessions.push(...(await pool(rest, concurrency, (m) => connect(m.room, m.client))))
   const connectS = (now() - tc0) / 1000
-  emit({ event: 'phase', name: 'connected' })
+  emit({ event: 'phase', name: 'connected', epochMs: epochNow() })
   // Each editor creates its own component.
   await pool(sessions, concurrency, (s) =>
     request(s, { type: 'patch', messageId: `${s.clientId}-0`, documentPatches: [{ [`${s.clientId}/pos`]: { _exists: true, x: 0, y: 0 } }] }),
@@ -297,10 +302,10 @@ async function shapeEdit() {
   for (const s of sessions) send(s)
   await sleep(winStart - now())
   const c0 = cpuWindow()
-  emit({ event: 'phase', name: 'measure' })
+  emit({ event: 'phase', name: 'measure', epochMs: epochNow() })
   await sleep(winEnd - now())
   const c1 = cpuWindow()
-  emit({ event: 'phase', name: 'done' })
+  emit({ event: 'phase', name: 'done', epochMs: epochNow() })
   running = false
   const drainTimeout = sleep(10000).then(() => 'timeout')
   const d = await Promise.race([drainP, drainTimeout])
@@ -340,7 +345,7 @@ async function shapeJoin() {
   const coldServerCpu = []
   const holders = []
   const rss0 = readProc(cfg.serverPid).rssKB
-  emit({ event: 'phase', name: 'measure' })
+  emit({ event: 'phase', name: 'measure', epochMs: epochNow() })
   for (let i = 0; i < bigRooms.length; i++) {
     const room = bigRooms[i]
     const a = cpuWindow()
@@ -365,7 +370,7 @@ async function shapeJoin() {
       await sleep(300)
     }
   }
-  emit({ event: 'phase', name: 'done' })
+  emit({ event: 'phase', name: 'done', epochMs: epochNow() })
   await sleep(500)
   const rss1 = await rssMedianKB(3, 200)
   closeAll(holders)
@@ -434,7 +439,7 @@ async function shapeStall() {
     const b = cpuWindow()
     windows.push({ kind: 'baseline', t0: b0, t1: epochNow(), serverCpuS: b.server - a.server, selfMaxMs: await mark() })
   }
-  emit({ event: 'phase', name: 'measure' })
+  emit({ event: 'phase', name: 'measure', epochMs: epochNow() })
   for (let k = 0; k < saves; k++) {
     const t0 = epochNow()
     const a = cpuWindow()
@@ -449,7 +454,7 @@ async function shapeStall() {
     const b = cpuWindow()
     windows.push({ kind: 'save', t0, t1: epochNow(), savedAtMs: savedAt, serverCpuS: b.server - a.server, selfMaxMs: await mark() })
   }
-  emit({ event: 'phase', name: 'done' })
+  emit({ event: 'phase', name: 'done', epochMs: epochNow() })
   Atomics.store(ctl, 1, 1)
   await Promise.race([next('done', 5000), sleep(5000)])
   await worker.terminate()
@@ -533,7 +538,7 @@ async function shapeBurst() {
   const held = [warm]
   const out = []
   const pct = (v, q) => v[Math.min(v.length - 1, Math.floor(q * v.length))]
-  emit({ event: 'phase', name: 'measure' })
+  emit({ event: 'phase', name: 'measure', epochMs: epochNow() })
   for (let b = 0; b < bursts; b++) {
     const a = cpuWindow()
     const tb = now()
@@ -559,7 +564,7 @@ async function shapeBurst() {
     })
     await sleep(gapMs)
   }
-  emit({ event: 'phase', name: 'done' })
+  emit({ event: 'phase', name: 'done', epochMs: epochNow() })
   closeAll(held)
   return { n, bursts: out, unexpectedCloses }
 }

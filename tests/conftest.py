@@ -42,6 +42,27 @@ def require_node() -> None:
         pytest.skip(missing)
 
 
+def node_modules() -> str:
+    """The folder that holds the npm client, for a Node script outside node/ to load it from.
+
+    node/node_modules, else the first ``$NODE_PATH`` entry that holds
+    ``@woven-ecs/canvas-store`` (a worktree without its own copy). Without node or the
+    packages: fail in CI, skip elsewhere.
+    """
+    if shutil.which("node") is None:
+        require_node()
+    candidates = [os.path.join(NODE_DIR, "node_modules")]
+    candidates += [p for p in os.environ.get("NODE_PATH", "").split(os.pathsep) if p]
+    for folder in candidates:
+        if os.path.isfile(os.path.join(folder, "@woven-ecs", "canvas-store", "package.json")):
+            return folder
+    missing = ("@woven-ecs/canvas-store is in neither node/node_modules (run `cd node && "
+               "npm ci`) nor $NODE_PATH")
+    if os.environ.get("CI"):
+        pytest.fail(missing)
+    pytest.skip(missing)
+
+
 class Client:
     """A test client: sends frames as dicts, receives them parsed."""
 

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
@@ -56,8 +57,12 @@ def require_postgres() -> str:
 
 
 @contextmanager
-def postgres_schema() -> Iterator[str]:
-    """A fresh schema for one test; yield a conninfo whose search_path is that schema."""
+def postgres_schema(*, as_url: bool = False) -> Iterator[str]:
+    """A fresh schema for one test; yield a conninfo whose search_path is that schema.
+
+    With ``as_url``, the conninfo is a ``postgresql://`` URL (the schema in its query), as
+    ``serve --storage`` and the other commands take it.
+    """
     import psycopg
     from psycopg import sql
     from psycopg.conninfo import make_conninfo
@@ -67,7 +72,11 @@ def postgres_schema() -> Iterator[str]:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
     try:
-        yield make_conninfo(url, options=f"-csearch_path={name}", application_name=name)
+        if as_url:
+            query = urlencode({"options": f"-csearch_path={name}", "application_name": name})
+            yield f"{url}{'&' if '?' in url else '?'}{query}"
+        else:
+            yield make_conninfo(url, options=f"-csearch_path={name}", application_name=name)
     finally:
         with psycopg.connect(url, autocommit=True) as conn:
             # Connections a test left behind (a killed child's) must not block the drop.

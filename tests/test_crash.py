@@ -11,79 +11,18 @@
 from __future__ import annotations
 
 import random
-import re
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed
 
 from canvas_store_trio import Snapshot, decode_snapshot
 
-from .conftest import Client, frames_of
-
-
-class Server:
-    def __init__(self, process: trio.Process, port: int) -> None:
-        self.process = process
-        self.port = port
-        self.log = bytearray()
-
-    def url(self, room: str, client_id: str) -> str:
-        return f"ws://127.0.0.1:{self.port}/?roomId={room}&clientId={client_id}"
-
-
-@asynccontextmanager
-async def server_process(data_dir: Path, *options: str) -> AsyncIterator[Server]:
-    """``python -m canvas_store_trio serve`` on a free port; killed on the way out."""
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "canvas_store_trio", "serve", "--port", "0",
-         "--data-dir", str(data_dir), *options],
-        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    assert process.stderr is not None
-    try:
-        async with trio.open_nursery() as nursery:
-            log = bytearray()
-            with trio.fail_after(15):
-                while (found := re.search(rb"Listening on ws://[\d.]+:(\d+)", log)) is None:
-                    chunk = await process.stderr.receive_some(65536)
-                    assert chunk, f"the server exited: {log.decode(errors='replace')}"
-                    log += chunk
-            server = Server(process, int(found.group(1)))
-            server.log = log
-
-            read_all = trio.Event()
-
-            async def keep_reading() -> None:  # never let the pipe fill up
-                assert process.stderr is not None
-                while chunk := await process.stderr.receive_some(65536):
-                    server.log += chunk
-                read_all.set()
-
-            nursery.start_soon(keep_reading)
-            yield server
-            if process.returncode is not None:  # it exited: read its last words
-                with trio.move_on_after(5):
-                    await read_all.wait()
-            nursery.cancel_scope.cancel()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-
-
-@asynccontextmanager
-async def client(server: Server, room: str, client_id: str) -> AsyncIterator[Client]:
-    async with open_websocket_url(server.url(room, client_id), max_message_size=2**30,
-                                  receive_buffer_size=1 << 20) as ws:
-        yield Client(ws)
+from .conftest import frames_of
+from .processes import client, server_process
 
 
 def check_consistent(snapshot: Snapshot) -> None:
@@ -110,7 +49,8 @@ async def test_sigkill_during_saves_always_leaves_a_loadable_snapshot(tmp_path: 
     with trio.fail_after(40):
         for round_ in range(5):
             async with (
-                server_process(tmp_path, "--save-throttle", "0.01") as server,
+                server_process("--data-dir", str(tmp_path), "--save-throttle", "0.01",
+                               "--no-durable-acks") as server,
                 client(server, "crash", f"w{round_}") as w,
             ):
                 frames = await w.reconnect()
@@ -146,7 +86,7 @@ async def test_sigkill_during_saves_always_leaves_a_loadable_snapshot(tmp_path: 
         assert stray.name in leftovers
         print(f"{len(leftovers) - 1} temp files left by kills mid-write; timestamps {timestamps}")
         async with (
-            server_process(tmp_path) as server,
+            server_process("--data-dir", str(tmp_path)) as server,
             client(server, "crash", "reader") as reader,
         ):
             frames = await reader.reconnect()
@@ -160,7 +100,7 @@ async def test_sigkill_during_saves_always_leaves_a_loadable_snapshot(tmp_path: 
 async def test_sigterm_under_load_keeps_every_acked_edit(tmp_path: Path) -> None:
     acked: dict[str, dict[str, int]] = {}
     with trio.fail_after(40):
-        async with server_process(tmp_path, "--save-throttle", "2") as server:
+        async with server_process("--data-dir", str(tmp_path), "--save-throttle", "2") as server:
 
             async def writer(room: str, name: str) -> None:
                 mine = acked.setdefault(room, {})
@@ -204,7 +144,8 @@ async def test_sigterm_under_load_keeps_every_acked_edit(tmp_path: Path) -> None
             missing = [k for k, v in keys.items() if snapshot.state.get(k, {}).get("v") != v]
             assert not missing, (room, missing[:5], len(missing))
 
-        async with server_process(tmp_path) as server:  # and as a restarted server serves it
+        # and as a restarted server serves it
+        async with server_process("--data-dir", str(tmp_path)) as server:
             for room, keys in acked.items():
                 async with client(server, room, "check") as c:
                     frames = await c.reconnect()

@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -283,9 +284,11 @@ async def test_a_big_save_lets_other_tasks_run_while_it_is_encoded(
     steps_before_writing: list[int] = []
     write = _storage.FolderWriter.write
 
-    async def noting_write(self: _storage.FolderWriter, path: Path, parts: list[bytes]) -> None:
+    async def noting_write(
+        self: _storage.FolderWriter, path: Path, parts: list[bytes] | None, **options: Any
+    ) -> None:
         steps_before_writing.append(other_steps)
-        await write(self, path, parts)
+        await write(self, path, parts, **options)
 
     monkeypatch.setattr(_storage.FolderWriter, "write", noting_write)
 

@@ -98,6 +98,11 @@ def test_unknown_host_is_one_line(tmp_path: Path) -> None:
     assert_one_line_error(result, "no-such-host.invalid")
 
 
+def test_memory_with_durable_acks_is_refused_in_one_line(tmp_path: Path) -> None:
+    result = run_cli("serve", "--memory", "--durable-acks", "--port", "0", cwd=tmp_path)
+    assert_one_line_error(result, "--memory", "--durable-acks")
+
+
 def test_data_dir_that_is_a_file_is_refused_at_start(tmp_path: Path) -> None:
     (tmp_path / "rooms").write_text("not a folder")
     result = run_cli("serve", "--data-dir", "rooms", "--port", "0", cwd=tmp_path)

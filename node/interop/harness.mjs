@@ -171,8 +171,13 @@ export function makeDataDir(prefix = 'cs-interop-') {
  * it prints its `ws://` address; `restart()` launches it again on the same port and data dir.
  */
 export class ServerProcess {
-  constructor({ dataDir, saveThrottle = 0.3, idleTimeout = 2, authorize = false, name = 'server', command } = {}) {
+  /**
+   * `durableAcks`: true or false passes `--durable-acks` or `--no-durable-acks` to the server
+   * under test (the reference has no such flag and acks from memory); undefined passes none.
+   */
+  constructor({ dataDir, saveThrottle = 0.3, idleTimeout = 2, authorize = false, name = 'server', command, durableAcks } = {}) {
     this.command = command
+    this.durableAcks = durableAcks
     this.dataDir = dataDir ?? makeDataDir()
     this.ownsDataDir = dataDir === undefined
     this.saveThrottle = saveThrottle
@@ -206,6 +211,9 @@ export class ServerProcess {
       '--idle-timeout',
       String(this.idleTimeout),
     ]
+    if (this.durableAcks !== undefined && !IS_REFERENCE) {
+      args.push(this.durableAcks ? '--durable-acks' : '--no-durable-acks')
+    }
     if (this.authorize) args.push('--authorize', process.env.CANVAS_STORE_AUTHORIZE ?? 'interop_auth:authorize')
     this.generation += 1
     const gen = this.generation

@@ -3,7 +3,7 @@
 // clients heal it through `resync`; an idle room saves when it closes; snapshot files move
 // between the reference server and the server under test.
 import assert from 'node:assert/strict'
-import { rmSync } from 'node:fs'
+import { readdirSync, rmSync } from 'node:fs'
 import { after, test } from 'node:test'
 import {
   cid,
@@ -139,7 +139,8 @@ test('acked edits survive a SIGTERM restart; clients reconnect without needing a
 })
 
 test('a server killed before its throttled save comes back behind the clients and is healed by resync', async () => {
-  const server = newServer({ name: 'sigkill', saveThrottle: 1.5, idleTimeout: 30 })
+  // Acks from memory, as the reference server gives them: the case durable acks close.
+  const server = newServer({ name: 'sigkill', saveThrottle: 1.5, idleTimeout: 30, durableAcks: false })
   await server.start()
   const room = `sigkill-${process.pid}`
   const a = client(server, room, 'A')
@@ -223,6 +224,60 @@ test('a server killed before its throttled save comes back behind the clients an
   assert.deepEqual(liveView(healed.state), liveView(expected))
   assert.deepEqual(healed.state['e2/Shape'], { _exists: false }, 'the deletion came back as a tombstone')
 })
+
+test(
+  'with durable acks, a server killed before its throttled save comes back holding every acked edit, and nobody is asked to resync',
+  { skip: IS_REFERENCE ? 'the reference server acks from memory' : false },
+  async () => {
+    const server = newServer({ name: 'durable', saveThrottle: 30, idleTimeout: 30, durableAcks: true })
+    await server.start()
+    const room = `durable-${process.pid}`
+    const a = client(server, room, 'A')
+    const b = client(server, room, 'B')
+    await connectAll([a, b])
+    a.edit({
+      'e1/Shape': { _exists: true, x: 1, color: 'red' },
+      'e2/Shape': { _exists: true, x: 2, color: 'red' },
+      's/Stroke': { _exists: true, pts: [1, 1, 0, 0, 0, 0, 0, 0] },
+    })
+    b.edit({ 'e3/Shape': { _exists: true, x: 3, color: 'red' } })
+    await waitFor(() => a.allAcked() && b.allAcked(), { what: 'batch 1 acked', clients: [a, b] })
+    a.edit({ 'e1/Shape': { x: 10 } })
+    a.edit({ 'e2/Shape': { _exists: false } })
+    a.edit({ 's/Stroke': { pts: { __buf: 1, len: 8, runs: [[2, [2, 2]]] } } })
+    b.edit({ 'e3/Shape': { color: 'blue' }, 'e4/Shape': { _exists: true, x: 4, color: 'green' } })
+    await waitConverged([a, b])
+    await waitFor(() => a.allAcked() && b.allAcked(), { what: 'batch 2 acked', clients: [a, b] })
+    const lastTs = Math.max(a.lastAckTimestamp(), b.lastAckTimestamp())
+    await server.kill()
+    assert.equal(server.readSnapshot(room), null, 'the 30 s throttle never saved a snapshot')
+
+    const expected = {
+      'e1/Shape': { _exists: true, x: 10, color: 'red' },
+      's/Stroke': { _exists: true, pts: [1, 1, 2, 2, 0, 0, 0, 0] },
+      'e3/Shape': { _exists: true, x: 3, color: 'blue' },
+      'e4/Shape': { _exists: true, x: 4, color: 'green' },
+    }
+    await server.restart()
+    await waitReconnected(a, 1)
+    await waitReconnected(b, 1)
+    assert.deepEqual([...a.framesIn('resync'), ...b.framesIn('resync')], [], 'nobody came back ahead of the server')
+    for (const c of [a, b]) {
+      const [synced] = c.framesIn('synced', { after: 1 })
+      assert.ok(synced.timestamp >= lastTs, `${c.clientId} synced at ${synced.timestamp}, acked up to ${lastTs}`)
+    }
+    const c = client(server, room, 'C')
+    await connectAll([c])
+    await waitConverged([a, b, c], { expected, what: 'a newcomer loads every acked edit from the journal' })
+
+    const exit = await server.stop()
+    assert.equal(exit.code, 0, `SIGTERM exits 0: ${JSON.stringify(exit)}`)
+    const saved = server.readSnapshot(room)
+    assert.deepEqual(liveView(saved.state), liveView(expected))
+    assert.deepEqual(saved.state['e2/Shape'], { _exists: false }, 'the deletion is kept as a tombstone')
+    assert.deepEqual(readdirSync(server.dataDir), [`${room}.json`], 'the journal was folded in')
+  },
+)
 
 test('an idle room closes and saves; after a hard restart the file loads, with incremental diffs', async () => {
   const server = newServer({ name: 'idle', saveThrottle: 30, idleTimeout: 0.5 })

@@ -38,6 +38,7 @@ from .storage._backends import MemoryBackend as MemoryBackend
 from .storage._backends import StorageBackend as StorageBackend
 from .storage._backends import open_storage_backend as open_storage_backend
 from .storage._base import IncrementalStorage as IncrementalStorage
+from .storage._base import JournalStorage as JournalStorage
 from .storage._base import MemoryStorage as MemoryStorage
 from .storage._base import Storage as Storage
 from .storage._base import StorageError as StorageError

@@ -139,7 +139,7 @@ class Document:
     timestamps: dict[str, FieldTimestamps] = attrs.field(factory=dict)
     unsaved_keys: set[str] | None = attrs.field(default=None, repr=False)
     """Keys written since :meth:`take_changes` last ran, when tracked (None: not tracked).
-    Only rooms on incremental storage track them."""
+    Rooms on incremental storage, and with durable acks, track them."""
     _encodings: list[dict[str, tuple[Any, Any]]] = attrs.field(factory=list, init=False, repr=False)
     """One map per :meth:`encode_in_steps` under way: each key written since it began,
     with its record and field timestamps as they were then (``_MISSING`` if absent)."""

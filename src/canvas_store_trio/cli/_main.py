@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep rooms in memory only; they are lost when the server stops",
     )
     serve.add_argument(
+        "--durable-acks",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ack an edit only once it is on disk (on, but off with --memory); "
+        "--no-durable-acks acks it once it is in memory, as the Node server does",
+    )
+    serve.add_argument(
         "--save-throttle",
         type=_option_type("float"),
         default=5.0,
@@ -173,6 +180,20 @@ def load_authorize(spec: str) -> Authorize:
     return function  # type: ignore[no-any-return]
 
 
+DURABLE_ACKS_DEFAULT = True
+"""Whether ``serve`` acks edits only once they are durable when no flag says (see
+bench/README.md for what it costs)."""
+
+
+def durable_acks(args: argparse.Namespace) -> bool:
+    """``--durable-acks`` / ``--no-durable-acks``; ``--memory`` implies the latter."""
+    if args.memory:
+        if args.durable_acks:
+            raise UsageError("--memory --durable-acks: memory storage is never durable; drop one")
+        return False
+    return DURABLE_ACKS_DEFAULT if args.durable_acks is None else bool(args.durable_acks)
+
+
 def open_backend(args: argparse.Namespace) -> StorageBackend:
     """Where ``serve`` keeps rooms: ``--storage URL``, ``--memory``, or ``--data-dir``.
 
@@ -209,6 +230,7 @@ async def serve(
     authorize = load_authorize(args.authorize) if args.authorize else None
     limits = limits_from(args)
     port = serve_port(args)
+    durable = durable_acks(args)
     backend = open_backend(args)
     http_handler: HttpHandler = default_http_handler
     if args.demo:
@@ -218,6 +240,12 @@ async def serve(
             http_handler = demo_http_handler()
         except DemoNotBuiltError as exc:
             raise UsageError(f"--demo: {exc}") from None
+    if isinstance(backend, FileBackend):
+        # Journals left by a crash: folded now, so that even the rooms nobody opens
+        # again end as plain snapshots.
+        folded = await backend.fold_journals()
+        if folded:
+            logger.info("folded the journals of %d room(s) into their snapshots", folded)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with (
             backend,
@@ -225,6 +253,7 @@ async def serve(
                 idle_timeout=args.idle_timeout,
                 save_throttle=args.save_throttle,
                 create_storage=backend.create_storage,
+                durable_acks=durable,
                 limits=limits,
             ) as manager,
             trio.open_nursery() as nursery,
@@ -251,7 +280,7 @@ async def serve(
                 ) from None
             port = listeners[0].socket.getsockname()[1]
             url = f"ws://{args.host}:{port}"
-            where = str(backend)
+            where = f"{backend}, " + ("acks once durable" if durable else "acks once in memory")
             logger.info(
                 "Listening on %s (rooms in %s). Connect with %s/?roomId=ROOM&clientId=CLIENT",
                 url,

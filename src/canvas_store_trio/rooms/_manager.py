@@ -52,6 +52,10 @@ class RoomManager:
     and every caller waits for the same load. A room that is closing (idle timeout,
     ``close_room``) is waited for, then replaced by a fresh one that loads what the
     closing one saved, so no write is lost and no stale state is loaded.
+
+    ``durable_acks=True`` acks an edit only once it is durable (see :class:`Room`); every
+    storage ``create_storage`` makes must then be a
+    :class:`~canvas_store_trio.JournalStorage` (file, SQLite and PostgreSQL storage are).
     """
 
     def __init__(
@@ -61,6 +65,7 @@ class RoomManager:
         save_throttle: float = 10.0,
         flush_timeout: float = 10.0,
         create_storage: Callable[[str], Storage] | None = None,
+        durable_acks: bool = False,
         on_session_removed: SessionRemovedHook | None = None,
         on_document_patch: DocumentPatchHook | None = None,
         on_token_refresh: TokenRefreshHook | None = None,
@@ -69,7 +74,10 @@ class RoomManager:
         self.idle_timeout = idle_timeout
         self.save_throttle = save_throttle
         self.flush_timeout = flush_timeout
+        if durable_acks and create_storage is None:
+            raise ValueError("durable acks need a storage: pass create_storage")
         self.create_storage = create_storage
+        self.durable_acks = durable_acks
         self.on_session_removed = on_session_removed
         self.on_document_patch = on_document_patch
         self.on_token_refresh = on_token_refresh
@@ -133,6 +141,7 @@ class RoomManager:
             save_throttle=self.save_throttle,
             idle_timeout=self.idle_timeout,
             flush_timeout=self.flush_timeout,
+            durable_acks=self.durable_acks,
             limits=self.limits,
             on_session_removed=self.on_session_removed,
             on_document_patch=self.on_document_patch,

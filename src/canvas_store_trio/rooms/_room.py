@@ -6,6 +6,9 @@ every frame atomic with no lock: a frame is checked, applied, broadcast and acke
 before any other frame in the process is looked at. The room's own task (started by
 :class:`~canvas_store_trio.RoomManager`) loads the document, runs the throttled saver,
 closes the room when it has been empty for ``idle_timeout``, and flushes on the way out.
+
+With durable acks, a frame is still applied at once, but the frames that tell of its
+edits wait for the room's :class:`~._commits.Committer` to commit them.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from .._protocol import (
     synced_frame,
     version_mismatch_frame,
 )
-from ..storage._base import Storage
+from ..storage._base import JournalStorage, Storage
 from ..transport._handshake import MessageSocket
+from ._commits import CommitError, Committer
 from ._keepalive import keep_alive
 from ._saver import Saver
 from ._session import (
@@ -83,6 +87,13 @@ class Room:
     Saves go through ``storage``: at most one at a time, ``save_throttle`` seconds after
     the first unsaved change, then again whenever more changes arrive. A save that fails
     keeps everything unsaved and is retried with backoff (1 s, doubling to 60 s).
+
+    With ``durable_acks`` (``storage`` must then be a
+    :class:`~canvas_store_trio.JournalStorage`), no frame that carries an edit leaves
+    before a ``commit`` holding the edit has returned. A commit that fails, or takes over
+    ``flush_timeout``, closes every session with 1013 (try again later) and ends the
+    room without saving what was not committed: the clients reconnect to a room loaded
+    afresh, and resend their unacked edits.
     """
 
     def __init__(
@@ -93,6 +104,7 @@ class Room:
         save_throttle: float = 10.0,
         idle_timeout: float = 30.0,
         flush_timeout: float = 10.0,
+        durable_acks: bool = False,
         limits: Limits | None = None,
         on_session_removed: SessionRemovedHook | None = None,
         on_document_patch: DocumentPatchHook | None = None,
@@ -100,9 +112,19 @@ class Room:
     ) -> None:
         self.room_id = room_id
         self.limits = limits or Limits()
+        if durable_acks and not implements(storage, JournalStorage):
+            raise TypeError(
+                f"durable acks need a storage with commit() (a JournalStorage), not {storage!r}"
+            )
         self.saver = Saver(
-            room_id, storage, save_throttle=save_throttle, flush_timeout=flush_timeout
+            room_id,
+            storage,
+            save_throttle=save_throttle,
+            flush_timeout=flush_timeout,
+            durable=durable_acks,
         )
+        self.committer: Committer | None = None
+        """Set once the room has loaded, with durable acks on."""
         self._idle_timeout = idle_timeout
         self._on_session_removed = on_session_removed
         self._on_document_patch = on_document_patch
@@ -113,6 +135,9 @@ class Room:
         self._unflushed: list[Session] = []
         """Sessions with queued frames, written out by :meth:`_flush` after each event."""
         self._accepting = False
+        self._frames_stopped = False
+        """Set once the room closes: frames that still arrive are dropped unanswered
+        (their senders resend what was not acked, after reconnecting)."""
         self._settled = trio.Event()
         """Set while the room accepts sessions, and once it has closed: what a join
         waits for while the room loads or closes (see :meth:`wait_accepting_or_closed`)."""
@@ -136,7 +161,7 @@ class Room:
     @property
     def unsaved(self) -> bool:
         """Whether the document has changes that storage does not have yet."""
-        return self.saver.unsaved
+        return self.saver.unsaved or (self.committer is not None and self.committer.uncommitted)
 
     @property
     def save_error(self) -> BaseException | None:
@@ -161,11 +186,23 @@ class Room:
             if on_closed:
                 on_closed(self)
             return
+        if self.saver.durable:
+            self.committer = Committer(
+                self.room_id,
+                cast(JournalStorage, self.saver.storage),
+                self.document,
+                timeout=self.saver.flush_timeout,
+                on_committed=self._on_committed,
+                on_failed=self._on_commit_failed,
+            )
+            self.saver.commit_gate = self.committer.commit_through
         self._set_accepting(True)
         self._ready.set()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.saver.run)
+                if self.committer is not None:
+                    nursery.start_soon(self.committer.run)
                 if self.limits.ping_interval is not None:
                     nursery.start_soon(
                         functools.partial(
@@ -179,9 +216,15 @@ class Room:
                 await self._wait_until_idle_or_closed()
                 nursery.cancel_scope.cancel()
         finally:
-            self._stop_accepting()
+            # Frames stop now. With durable acks, what was applied is committed before
+            # the sessions close, so that its acks go out with their last frames.
+            self._frames_stopped = True
+            self._set_accepting(False)
             with trio.CancelScope(shield=True):
-                await self.saver.flush_quietly()
+                committed = await self._commit_all()
+                self._stop_accepting()
+                if committed:
+                    await self.saver.flush_quietly()
             self.saver.forget_error_traceback()
             self._closed.set()
             self._settled.set()
@@ -209,8 +252,10 @@ class Room:
         await self._closed.wait()
 
     def begin_close(self) -> None:
-        """Stop taking sessions and frames now; the room task then flushes and ends."""
-        self._stop_accepting()
+        """Stop taking sessions and frames now; the room task then commits (with
+        durable acks), closes the sessions (1001), flushes and ends."""
+        self._frames_stopped = True
+        self._set_accepting(False)
         self._close_requested.set()
 
     def _set_accepting(self, accepting: bool) -> None:
@@ -220,12 +265,35 @@ class Room:
         elif self._settled.is_set():
             self._settled = trio.Event()
 
-    def _stop_accepting(self) -> None:
+    def _stop_accepting(self, code: int = 1001, reason: str = "room closed") -> None:
         self._set_accepting(False)
         sessions = list(self._sessions.values())
         self._sessions.clear()
         for session in sessions:
-            session.close(1001, "room closed")
+            session.close(code, reason)
+
+    async def _commit_all(self) -> bool:
+        """Commit every applied edit (durable acks); False if a commit has failed.
+
+        A failed commit has already closed the room (:meth:`_on_commit_failed`), and what
+        it did not commit must never be saved.
+        """
+        if self.committer is None:
+            return True
+        try:
+            await self.committer.commit_through(self.document.timestamp)
+        except CommitError:
+            return False
+        return True
+
+    def _on_committed(self) -> None:
+        self._flush()
+        self.saver.mark_unsaved()  # a snapshot save folds the journal in
+
+    def _on_commit_failed(self, error: BaseException) -> None:
+        self.saver.discard()
+        self._stop_accepting(1013, "could not save; try again")
+        self._close_requested.set()
 
     async def _wait_until_idle_or_closed(self) -> None:
         while True:
@@ -239,7 +307,7 @@ class Room:
             # room that loads what this one saved. Joining this one would be undone by
             # the close (1001), and no edit can now arrive after the last save.
             self._set_accepting(False)
-            if await self.saver.save():
+            if await self._commit_all() and await self.saver.save():
                 logger.info(
                     "room %r closes after %g s without sessions", self.room_id, self._idle_timeout
                 )
@@ -262,7 +330,10 @@ class Room:
             self._idle_scope.deadline = trio.current_time() + self._idle_timeout
 
     async def flush(self) -> None:
-        """Save now if anything is unsaved. Raise the storage's error if that fails."""
+        """Commit (durable acks) and save now if anything is unsaved. Raise the storage's
+        error (or :class:`~._commits.CommitError`) if that fails."""
+        if self.committer is not None:
+            await self.committer.commit_through(self.document.timestamp)
         await self.saver.flush()
 
     def get_snapshot(self) -> Snapshot:
@@ -393,7 +464,7 @@ class Room:
             return
         deletion = self.ephemeral.remove(session.client_id)
         if deletion:
-            self._broadcast(presence_frame(session.client_id, deletion))
+            self._broadcast_presence(presence_frame(session.client_id, deletion), session)
         self._broadcast(client_count_frame(len(self._sessions)))
         self._flush()
         self._reset_idle_deadline()
@@ -411,6 +482,34 @@ class Room:
             if session is not exclude:
                 session.send(frame)
 
+    def _broadcast_edit(self, frame: bytes, sender: Session, *, with_presence: bool) -> None:
+        """Broadcast a frame with document patches: once they are durable, if need be."""
+        committer = self.committer
+        if committer is None:
+            self._broadcast(frame, exclude=sender)
+            return
+        presence_of = sender.client_id if with_presence else None
+        for session in list(self._sessions.values()):
+            if session is not sender:
+                committer.send(session, frame, presence_of=presence_of)
+
+    def _broadcast_presence(self, frame: bytes, sender: Session) -> None:
+        """Broadcast a frame of the sender's presence alone (behind its held edits)."""
+        committer = self.committer
+        if committer is None:
+            self._broadcast(frame, exclude=sender)
+            return
+        for session in list(self._sessions.values()):
+            if session is not sender:
+                committer.send_presence(session, frame, sender.client_id)
+
+    def _send_edit(self, session: Session, frame: bytes) -> None:
+        """Send a frame that tells of edits (an ack, a diff): once they are durable."""
+        if self.committer is None:
+            session.send(frame)
+        else:
+            self.committer.send(session, frame)
+
     # --- frames --------------------------------------------------------------------
 
     def handle_frame(self, session: Session, data: str | bytes) -> None:
@@ -422,7 +521,7 @@ class Room:
 
     def _handle_frame(self, session: Session, data: str | bytes) -> None:
         """:meth:`handle_frame`, leaving the queued frames to the next :meth:`_flush`."""
-        if session.session_id not in self._sessions:
+        if self._frames_stopped or session.session_id not in self._sessions:
             return
         limits = self.limits
         try:
@@ -454,7 +553,7 @@ class Room:
             error.message,
             error.code,
         )
-        session.send(error_frame(error))
+        session.send(error_frame(error))  # at once, even past held acks: it tells of no edit
         if session.note_refused(self.limits.max_invalid_frames, self.limits.invalid_frame_window):
             session.close(1008, "too many invalid frames")
             logger.warning(
@@ -469,13 +568,23 @@ class Room:
     def _on_patch(self, session: Session, message: PatchMessage) -> None:
         if not message.document_patches and not message.ephemeral_patches:
             return
+        changed = False
         if session.permissions == "readwrite":
             try:
-                self._apply(session, message.document_patches, message.ephemeral_patches)
+                changed = self._apply(
+                    session, message.document_patches, message.ephemeral_patches
+                )
             except ProtocolError as exc:
                 exc.message_id = message.message_id
                 raise
-        session.send(ack_frame(message.message_id, self.document.timestamp))
+        committer = self.committer
+        if committer is None:
+            session.send(ack_frame(message.message_id, self.document.timestamp))
+        elif changed:
+            committer.send(session, ack_frame(message.message_id, self.document.timestamp),
+                           ack=True)
+        else:  # nothing of its own to wait for, and it tells of no timestamp not durable
+            committer.send_reply(session, functools.partial(ack_frame, message.message_id))
 
     def _on_reconnect(self, session: Session, message: ReconnectMessage) -> None:
         if not message.version_matches:
@@ -486,27 +595,29 @@ class Room:
         if session.permissions == "readwrite":
             self._apply(session, message.document_patches, message.ephemeral_patches)
             if message.last_timestamp > since:
-                session.send(resync_frame(since))
+                self._send_edit(session, resync_frame(since))
+        # With durable acks the diff may hold edits not yet committed: it waits for them.
         diff = document.diff_since(message.last_timestamp)
         presence = self.ephemeral.snapshot_for(session.client_id)
         if diff or presence:
-            session.send(
+            self._send_edit(
+                session,
                 patch_frame(
                     "",
                     [diff] if diff else None,
                     document.timestamp,
                     [presence] if presence else None,
-                )
+                ),
             )
-        session.send(synced_frame(document.timestamp))
+        self._send_edit(session, synced_frame(document.timestamp))
 
     def _apply(
         self,
         session: Session,
         document_patches: Sequence[Patch],
         ephemeral_patches: Sequence[Patch],
-    ) -> None:
-        """Apply a frame's patches and broadcast them.
+    ) -> bool:
+        """Apply a frame's patches and broadcast them; True if the document changed.
 
         Raise ProtocolError, before anything changes, if the frame would take the client
         over its presence key limit or its broadcast cannot be encoded.
@@ -533,11 +644,18 @@ class Room:
         if ephemeral_patches:
             self.ephemeral.apply(client_id, ephemeral_patches)
         if frame is not None:
-            self._broadcast(frame, exclude=session)
+            if will_change:
+                self._broadcast_edit(frame, session, with_presence=bool(ephemeral_patches))
+            else:
+                self._broadcast_presence(frame, session)
         if will_change:
-            self.saver.mark_unsaved()
+            if self.committer is None:
+                self.saver.mark_unsaved()
+            else:
+                self.committer.wanted()
             if self._on_document_patch:
                 self._on_document_patch(self, document_patches)
+        return will_change
 
     def _check_presence_limit(self, client_id: str, patches: Sequence[Patch]) -> None:
         limit = self.limits.max_ephemeral_keys

@@ -4,12 +4,18 @@ One :class:`Saver` per room. It picks the cheapest write the storage offers (onl
 changed keys, the live document encoded a piece at a time, or a snapshot), runs at most
 one save at a time, retries a failed one with backoff and never forgets a change that
 storage does not have yet.
+
+With durable acks the room's :class:`~._commits.Committer` makes each edit durable, and
+the saver only writes snapshots for a streaming storage (files): each save folds the
+journal of commits into the snapshot, and waits until what it holds is committed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+from collections.abc import Awaitable, Callable, Iterator
 from typing import cast
 
 import trio
@@ -36,8 +42,14 @@ class Saver:
         *,
         save_throttle: float,
         flush_timeout: float,
+        durable: bool = False,
     ) -> None:
         self.room_id = room_id
+        self.durable = durable
+        self.commit_gate: Callable[[int], Awaitable[None]] | None = None
+        """With durable acks, the room's ``commit_through(timestamp)``: a snapshot save
+        waits for it, so a snapshot never holds an edit that was not committed."""
+        self._discarded = False
         self.storage = storage
         # The storage's protocols, checked once: a plain isinstance on a Protocol is slow.
         self._incremental = (
@@ -48,7 +60,8 @@ class Saver:
         )
         self.save_throttle = save_throttle
         self.flush_timeout = flush_timeout
-        self.document = Document(unsaved_keys=set() if self._incremental is not None else None)
+        self._track_changes = durable or self._incremental is not None
+        self.document = Document(unsaved_keys=set() if self._track_changes else None)
         self._unsaved = trio.Event()
         self._lock = trio.Lock()
         self.error: BaseException | None = None
@@ -62,6 +75,12 @@ class Saver:
     def mark_unsaved(self) -> None:
         self._unsaved.set()
 
+    def discard(self) -> None:
+        """Never save again: what is unsaved now must not reach storage (a commit of it
+        failed, and its edits were never acked)."""
+        self._discarded = True
+        self._unsaved = trio.Event()
+
     async def load(self) -> Document:
         """Read the stored snapshot into a new :attr:`document` (kept empty if none).
 
@@ -71,8 +90,10 @@ class Saver:
             snapshot = await self.storage.load()
             if snapshot is not None:
                 self.document = Document.from_snapshot(
-                    snapshot, track_changes=self._incremental is not None
+                    snapshot, track_changes=self._track_changes
                 )
+            if getattr(self.storage, "needs_fold", False):
+                self.mark_unsaved()  # a journal was replayed: the next save folds it in
         return self.document
 
     async def run(self) -> None:
@@ -97,14 +118,15 @@ class Saver:
 
     async def save(self) -> bool:
         """Write what is unsaved. Return False (and keep it unsaved) if storage fails."""
-        if self.storage is None:
+        if self.storage is None or self._discarded or (self.durable and self._streaming is None):
+            # (With durable acks the commits are the saves, but for a streaming storage.)
             self._unsaved = trio.Event()
             return True
         async with self._lock:
             if not self._unsaved.is_set():
                 return True
             self._unsaved = trio.Event()
-            incremental = self._incremental
+            incremental = None if self.durable else self._incremental
             document = self.document
             changes = document.take_changes() if incremental is not None else None
             try:
@@ -113,7 +135,7 @@ class Saver:
                         await incremental.save_changes(changes)
                     elif self._streaming is not None:
                         with contextlib.closing(document.encode_in_steps()) as parts:
-                            await self._streaming.save_encoded(parts)
+                            await self._save_encoded(parts)
                     else:
                         await self.storage.save(document.snapshot())
                 if scope.cancelled_caught:
@@ -130,6 +152,23 @@ class Saver:
                 return False
             self.error = None
             return True
+
+    async def _save_encoded(self, parts: Iterator[bytes]) -> None:
+        assert self._streaming is not None
+        gate = self.commit_gate
+        if gate is None:
+            await self._streaming.save_encoded(parts)
+            return
+        # The first part fixes what the snapshot holds: everything up to this timestamp.
+        first = next(parts)
+        through = self.document.timestamp
+
+        async def ready() -> None:
+            await gate(through)
+
+        await self._streaming.save_encoded(  # type: ignore[call-arg]
+            itertools.chain([first], parts), fold_through=through, ready=ready
+        )
 
     async def flush(self) -> None:
         """Save now if anything is unsaved. Raise the storage's error if that fails.

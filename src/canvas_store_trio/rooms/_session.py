@@ -129,6 +129,10 @@ TokenRefresh = Callable[[str], Awaitable[AuthorizeResult]]
 """Checks a session's new token; raises to end the session."""
 
 
+WRITE_ON_CLOSE_TIMEOUT = 5.0
+"""Seconds a write under way when the session closes normally (1000, 1001) may still take."""
+
+
 class Session:
     """A connected client, as the room sees it, and its outbox.
 
@@ -169,6 +173,8 @@ class Session:
         self.close_code: int | None = None
         self.close_reason = ""
         self.cancel_scope = trio.CancelScope()
+        self._write_scope: trio.CancelScope | None = None
+        """Shields the writer's write under way: a close ends it (see :meth:`close`)."""
         self.nursery: trio.Nursery | None = None
         self.pinging = False
         """A keep-alive ping is waiting for its pong (the room sends one at a time)."""
@@ -222,7 +228,11 @@ class Session:
             while True:
                 await self._outbox_ready.wait()
                 self._outbox_ready = trio.Event()
-                await self.drain()
+                # A write under way is not cut by the session's cancellation: its bytes
+                # would be lost, or half a frame sent. :meth:`close` bounds it.
+                with trio.CancelScope(shield=True) as self._write_scope:
+                    await self.drain()
+                self._write_scope = None
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             self.close(1006, "")
 
@@ -230,15 +240,25 @@ class Session:
         """Send everything queued, waiting for the socket as long as it takes."""
         if self._raw is not None:
             await self._raw.write(self._raw.frame_text(self._take_outbox()))
-        else:
-            for frame in self._take_outbox():
-                await self.socket.send_message(frame.decode())
+            return
+        # One at a time, each dropped only once sent: a writer cancelled midway (the
+        # session closing) leaves the rest for the close's own drain.
+        outbox = self.outbox
+        while outbox:
+            await self.socket.send_message(outbox[0].decode())
+            self.outbox_bytes -= len(outbox.pop(0))
 
     def close(self, code: int, reason: str) -> None:
         """End the session with this close code (the first call wins)."""
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
+        if self._write_scope is not None:
+            if self.close_code in (1000, 1001):  # the close drains: the write may finish
+                deadline = trio.current_time() + WRITE_ON_CLOSE_TIMEOUT
+                self._write_scope.deadline = min(self._write_scope.deadline, deadline)
+            else:
+                self._write_scope.cancel()
         self.cancel_scope.cancel()
 
     def check_rate(self, rate: float | None, burst: int) -> bool:

@@ -1,6 +1,7 @@
 """Where rooms keep their documents: the ``Storage`` protocols and every backend.
 
-``_base`` holds the protocols and memory; ``_files`` the Node-compatible snapshot files;
+``_base`` holds the protocols and memory; ``_files`` the Node-compatible snapshot files
+and ``_journal`` their append-only journal of durable commits;
 ``_sql``, ``_sqlite`` and ``_postgres`` the databases; ``_backends`` opens a backend from a
 ``--data-dir`` or ``--storage`` URL; ``_transfer`` copies rooms between them.
 """
@@ -10,6 +11,7 @@ from ._backends import MemoryBackend as MemoryBackend
 from ._backends import StorageBackend as StorageBackend
 from ._backends import open_storage_backend as open_storage_backend
 from ._base import IncrementalStorage as IncrementalStorage
+from ._base import JournalStorage as JournalStorage
 from ._base import MemoryStorage as MemoryStorage
 from ._base import Storage as Storage
 from ._base import StorageError as StorageError

@@ -11,6 +11,7 @@ context manager::
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -20,7 +21,7 @@ import attrs
 import trio
 
 from ._base import MemoryStorage, Storage
-from ._files import FileStorage, room_file_name, room_id_from_file_name
+from ._files import FileStorage, journal_file_name, room_file_name, room_id_from_file_name
 
 __all__ = [
     "FileBackend",
@@ -28,6 +29,12 @@ __all__ = [
     "StorageBackend",
     "open_storage_backend",
 ]
+
+logger = logging.getLogger("canvas_store_trio")
+
+FOLD_CONCURRENCY = 32
+""":meth:`FileBackend.fold_journals` folds this many rooms at once (their reads and
+writes share the folder's thread hand-offs)."""
 
 
 @runtime_checkable
@@ -54,7 +61,8 @@ class StorageBackend(Protocol):
 @attrs.define(eq=False)
 class FileBackend:
     """A folder of ``<room>.json`` snapshot files (:class:`FileStorage`), as the Node
-    server keeps them."""
+    server keeps them, with a ``<room>.journal`` beside a snapshot whose room has
+    durable commits not folded in yet."""
 
     dir: Path = attrs.field(converter=Path)
 
@@ -62,22 +70,60 @@ class FileBackend:
         return FileStorage(self.dir, room_id)
 
     async def list_room_ids(self) -> list[str]:
-        """Rooms whose file is where :class:`FileStorage` would look for it.
+        """Rooms whose snapshot or journal is where :class:`FileStorage` would look for
+        it (a room with only a journal counts).
 
         Temp files of a save in progress and other files are left out.
         """
+        snapshots, journals = await self._scan()
+        return sorted(set(snapshots) | set(journals))
 
-        def scan() -> list[str]:
+    async def fold_journals(self) -> int:
+        """Fold every room's journal into its snapshot (replayed as a load would); return
+        how many rooms had one. After it the folder holds only snapshots.
+
+        For when no room of the folder is open (at start-up, and after every room has
+        closed); a folder without journals costs one listing. A room that cannot be
+        folded (a snapshot that cannot be parsed, a full disk) is logged as an error and
+        keeps its journal; the others are folded all the same.
+        """
+        _, journals = await self._scan()
+        folded = 0
+        limiter = trio.CapacityLimiter(FOLD_CONCURRENCY)
+
+        async def fold(room_id: str) -> None:
+            nonlocal folded
+            async with limiter:
+                try:
+                    if await self.create_storage(room_id).fold_journal():
+                        folded += 1
+                except Exception as exc:
+                    logger.error("room %r: cannot fold its journal (%s)", room_id, exc)
+
+        async with trio.open_nursery() as nursery:
+            for room_id in journals:
+                nursery.start_soon(fold, room_id)
+        return folded
+
+    async def _scan(self) -> tuple[list[str], list[str]]:
+        """The ids of the rooms with a snapshot, and of those with a journal, sorted."""
+
+        def scan() -> tuple[list[str], list[str]]:
             try:
                 names = os.listdir(self.dir)
             except FileNotFoundError:
-                return []
-            ids = []
+                return [], []
+            snapshots, journals = [], []
             for name in names:
-                room_id = room_id_from_file_name(name)
-                if room_id is not None and room_file_name(room_id) == name:
-                    ids.append(room_id)
-            return sorted(ids)
+                if name.endswith(".json"):
+                    room_id = room_id_from_file_name(name)
+                    if room_id is not None and room_file_name(room_id) == name:
+                        snapshots.append(room_id)
+                elif name.endswith(".journal"):
+                    room_id = room_id_from_file_name(name, ".journal")
+                    if room_id is not None and journal_file_name(room_id) == name:
+                        journals.append(room_id)
+            return sorted(snapshots), sorted(journals)
 
         return await trio.to_thread.run_sync(scan)
 

@@ -8,6 +8,11 @@ A backend that can store a change without rewriting the whole document also impl
 ``save_changes(changes)`` (:class:`IncrementalStorage`); the room then hands it only the
 keys written since the last save. Backends that only know whole snapshots (memory,
 files, a user's own class) keep working unchanged.
+
+A backend that can make a batch of edits durable quickly also implements
+``commit(changes)`` (:class:`JournalStorage`): with durable acks on, a room acks an edit
+only once a ``commit`` holding it has returned. Files append to a journal; the SQL
+backends run one transaction for every room's pending edits.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from .._document import Changes, Snapshot
 
 __all__ = [
     "IncrementalStorage",
+    "JournalStorage",
     "MemoryStorage",
     "Storage",
     "StorageError",
@@ -56,6 +62,25 @@ class IncrementalStorage(Storage, Protocol):
 
     async def save_changes(self, changes: Changes) -> None:
         """Store the changed records and the room timestamp, all or nothing."""
+        ...
+
+
+@runtime_checkable
+class JournalStorage(Storage, Protocol):
+    """A storage that can make a batch of edits durable before anyone is told of them.
+
+    With durable acks on, a room hands it, one call at a time, every change since the
+    previous commit (what :meth:`Document.take_changes` gives: the room timestamp and
+    each changed key's whole record and field timestamps), and sends the edits' acks
+    and broadcasts only after the call returns.
+    """
+
+    async def commit(self, changes: Changes) -> None:
+        """Make ``changes`` durable (fsynced, or a committed transaction), all or nothing.
+
+        Raise on failure: the room then acks none of them. A caller cancelled midway
+        has not been told whether they are durable; the room shields its commits.
+        """
         ...
 
 

@@ -25,7 +25,9 @@ from ._sql import (
     MIGRATIONS_TABLE,
     RECORDS_TABLE,
     ROOMS_TABLE,
-    dump_json,
+    GroupCommit,
+    RoomChanges,
+    change_rows,
     pending_migrations,
     snapshot_from_rows,
     snapshot_rows,
@@ -118,6 +120,12 @@ class PostgresDatabase:
     _setup_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False, repr=False)
     _limiter: trio.CapacityLimiter = attrs.field(init=False, repr=False)
     _closed: bool = attrs.field(default=False, init=False, repr=False)
+    group_commit: GroupCommit = attrs.field(init=False, repr=False)
+    """Where the rooms' durable-ack commits meet, to share transactions."""
+
+    @group_commit.default
+    def _default_group_commit(self) -> GroupCommit:
+        return GroupCommit(self.write_changes)
 
     @_limiter.default
     def _default_limiter(self) -> trio.CapacityLimiter:
@@ -164,6 +172,24 @@ class PostgresDatabase:
         port = params.get("port")
         dbname = params.get("dbname") or params.get("user") or ""
         return f"PostgreSQL database {host}{f':{port}' if port else ''}/{dbname}"
+
+    async def write_changes(self, batch: list[RoomChanges]) -> None:
+        """Upsert the changed records and timestamps of some rooms, in one transaction
+        and one round trip (a pipeline)."""
+
+        def write(conn: Connection) -> None:
+            with conn.pipeline(), conn.cursor() as cur:
+                for room_id, changes in batch:
+                    pg_id = _to_pg(room_id)
+                    cur.execute(_UPSERT_ROOM, (pg_id, changes.timestamp))
+                    rows = [(pg_id, _to_pg(key), *row) for key, *row in change_rows(changes)]
+                    if rows:
+                        cur.executemany(_UPSERT_RECORD, rows)
+                _commit(conn)
+
+        rooms = ", ".join(repr(room_id) for room_id, _ in batch[:3])
+        more = f" and {len(batch) - 3} more" if len(batch) > 3 else ""
+        await self._run(write, f"cannot save room{'s' if len(batch) > 1 else ''} {rooms}{more}")
 
     # --- worker-thread side -----------------------------------------------------
 
@@ -272,7 +298,8 @@ class PostgresStorage:
 
     :meth:`save` replaces the room's rows (``DELETE`` then ``COPY``); :meth:`save_changes`
     upserts only the keys that changed and the room timestamp. Either is one
-    transaction, so a reader never sees half a save.
+    transaction, so a reader never sees half a save. :meth:`commit` (for durable acks)
+    is :meth:`save_changes` sharing a transaction with other rooms.
     """
 
     database: PostgresDatabase
@@ -321,19 +348,8 @@ class PostgresStorage:
         await self.database._run(save, f"cannot save room {room_id!r}")
 
     async def save_changes(self, changes: Changes) -> None:
-        room_id = self.room_id
+        await self.database.write_changes([(self.room_id, changes)])
 
-        def save_changes(conn: Connection) -> None:
-            pg_id = _to_pg(room_id)
-            rows = [
-                (pg_id, _to_pg(key), dump_json(change.record), dump_json(change.timestamps))
-                for key, change in changes.records.items()
-            ]
-            # One round trip for BEGIN, the upserts and COMMIT, not one for each.
-            with conn.pipeline(), conn.cursor() as cur:
-                cur.execute(_UPSERT_ROOM, (pg_id, changes.timestamp))
-                if rows:
-                    cur.executemany(_UPSERT_RECORD, rows)
-                _commit(conn)
-
-        await self.database._run(save_changes, f"cannot save room {room_id!r}")
+    async def commit(self, changes: Changes) -> None:
+        """:meth:`save_changes`, in one transaction with other rooms' commits."""
+        await self.database.group_commit.commit(self.room_id, changes)

@@ -18,18 +18,26 @@ edit one that has shipped.
 
 Room ids and keys only ever travel as bound parameters; the table names above are the
 only identifiers in the SQL text, and they are constants.
+
+With durable acks, the commits of every room of one database go through one
+:class:`GroupCommit`: the rooms' pending changes are written in one transaction, and
+those that arrive meanwhile wait for the next one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import attrs
 import orjson
+import trio
 
-from .._document import Snapshot, SnapshotError, snapshot_from_json
+from .._document import Changes, Snapshot, SnapshotError, snapshot_from_json
 from ._base import StorageError
+
+logger = logging.getLogger("canvas_store_trio")
 
 ROOMS_TABLE = "canvas_store_rooms"
 RECORDS_TABLE = "canvas_store_records"
@@ -146,3 +154,105 @@ def snapshot_rows(snapshot: Snapshot) -> list[tuple[str, str | None, str | None]
         if key not in state:
             rows.append((key, None, dump_json(field_ts)))
     return rows
+
+
+def change_rows(changes: Changes) -> list[tuple[str, str, str]]:
+    """The changed keys as ``(key, record JSON, timestamps JSON)`` rows, to upsert."""
+    return [
+        (key, dump_json(change.record), dump_json(change.timestamps))
+        for key, change in changes.records.items()
+    ]
+
+
+RoomChanges = tuple[str, Changes]
+"""A room id and the changes to write for it."""
+
+
+@attrs.define(eq=False)
+class _QueuedCommit:
+    room_id: str
+    changes: Changes
+    done: trio.Event = attrs.Factory(trio.Event)
+    error: BaseException | None = None
+
+
+class GroupCommit:
+    """Writes the commits of many rooms of one database together, one batch at a time.
+
+    ``write(batch)`` is the database's: it writes a list of room changes (sorted by
+    room id, so that two writers never wait on each other's rows) in one transaction.
+    A system task writes one batch at a time; every commit queued meanwhile goes into
+    the next batch. When a batch of several rooms fails, each room is tried again on
+    its own, so that one room's bad write fails that room alone.
+
+    A caller cancelled while it waits only stops waiting: its changes are still written.
+    """
+
+    def __init__(self, write: Callable[[list[RoomChanges]], Awaitable[None]]) -> None:
+        self._write = write
+        self._queued: list[_QueuedCommit] = []
+        self._wakeup = trio.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self.batches = 0
+        """How many transactions have been written (for the bench and the tests)."""
+
+    async def commit(self, room_id: str, changes: Changes) -> None:
+        """Write ``changes`` of ``room_id``, in a transaction with other rooms' changes.
+
+        Return once committed; raise what the write raised if it failed.
+        """
+        job = _QueuedCommit(room_id, changes)
+        self._queued.append(job)
+        token = trio.lowlevel.current_trio_token()
+        if self._token is not token:  # first use in this Trio run
+            self._token = token
+            trio.lowlevel.spawn_system_task(self._run, name="canvas-store group commit")
+        self._wakeup.set()
+        await job.done.wait()
+        if job.error is not None:
+            raise job.error
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            while self._queued:
+                batch, self._queued = self._queued, []
+                await self._write_batch(batch)
+
+    async def _write_batch(self, batch: list[_QueuedCommit]) -> None:
+        try:
+            try:
+                await self._write(_sorted_batch(batch))
+                self.batches += 1
+            except Exception as exc:
+                if len(batch) == 1:
+                    batch[0].error = exc
+                    return
+                logger.warning(
+                    "a commit of %d rooms failed (%s); committing each on its own", len(batch), exc
+                )
+                for job in batch:
+                    try:
+                        await self._write([(job.room_id, job.changes)])
+                        self.batches += 1
+                    except Exception as room_exc:
+                        job.error = room_exc
+        finally:
+            for job in batch:
+                job.done.set()
+
+
+def _sorted_batch(batch: list[_QueuedCommit]) -> list[RoomChanges]:
+    """The batch's changes by room id; several commits of one room are merged in order."""
+    merged: dict[str, Changes] = {}
+    for job in batch:
+        earlier = merged.get(job.room_id)
+        if earlier is None:
+            merged[job.room_id] = job.changes
+        else:
+            merged[job.room_id] = Changes(
+                job.changes.timestamp, {**earlier.records, **job.changes.records}
+            )
+    return sorted(merged.items())
+

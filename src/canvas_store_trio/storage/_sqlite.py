@@ -25,7 +25,9 @@ from ._sql import (
     MIGRATIONS_TABLE,
     RECORDS_TABLE,
     ROOMS_TABLE,
-    dump_json,
+    GroupCommit,
+    RoomChanges,
+    change_rows,
     pending_migrations,
     snapshot_from_rows,
     snapshot_rows,
@@ -79,6 +81,12 @@ class SQLiteDatabase:
         factory=lambda: trio.CapacityLimiter(1), init=False, repr=False
     )
     _closed: bool = attrs.field(default=False, init=False, repr=False)
+    group_commit: GroupCommit = attrs.field(init=False, repr=False)
+    """Where the rooms' durable-ack commits meet, to share transactions."""
+
+    @group_commit.default
+    def _default_group_commit(self) -> GroupCommit:
+        return GroupCommit(self.write_changes)
 
     def create_storage(self, room_id: str) -> SQLiteStorage:
         """The storage for one room in this database."""
@@ -108,6 +116,20 @@ class SQLiteDatabase:
 
     def __str__(self) -> str:
         return f"SQLite database {self.path}"
+
+    async def write_changes(self, batch: list[RoomChanges]) -> None:
+        """Upsert the changed records and timestamps of some rooms, in one transaction."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            for room_id, changes in batch:
+                conn.execute(_UPSERT_ROOM, (room_id, changes.timestamp))
+                conn.executemany(_UPSERT_RECORD, _with_room(room_id, change_rows(changes)))
+            _commit(conn)
+
+        rooms = ", ".join(repr(room_id) for room_id, _ in batch[:3])
+        more = f" and {len(batch) - 3} more" if len(batch) > 3 else ""
+        await self._run(write, f"cannot save room{'s' if len(batch) > 1 else ''} {rooms}{more}")
 
     # --- worker-thread side -----------------------------------------------------
 
@@ -206,7 +228,8 @@ class SQLiteStorage:
     """One room's snapshot in a :class:`SQLiteDatabase`; an incremental storage.
 
     :meth:`save` replaces the room's rows; :meth:`save_changes` upserts only the keys
-    that changed and the room timestamp. Either is one transaction.
+    that changed and the room timestamp. Either is one transaction. :meth:`commit` (for
+    durable acks) is :meth:`save_changes` sharing a transaction with other rooms.
     """
 
     database: SQLiteDatabase
@@ -246,19 +269,11 @@ class SQLiteStorage:
         await self.database._run(save, f"cannot save room {room_id!r}")
 
     async def save_changes(self, changes: Changes) -> None:
-        room_id = self.room_id
+        await self.database.write_changes([(self.room_id, changes)])
 
-        def save_changes(conn: sqlite3.Connection) -> None:
-            rows = [
-                (room_id, key, dump_json(change.record), dump_json(change.timestamps))
-                for key, change in changes.records.items()
-            ]
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute(_UPSERT_ROOM, (room_id, changes.timestamp))
-            conn.executemany(_UPSERT_RECORD, rows)
-            _commit(conn)
-
-        await self.database._run(save_changes, f"cannot save room {room_id!r}")
+    async def commit(self, changes: Changes) -> None:
+        """:meth:`save_changes`, in one transaction with other rooms' commits."""
+        await self.database.group_commit.commit(self.room_id, changes)
 
 
 def _with_room(

@@ -185,6 +185,9 @@ class WireSocket:
 
     async def _write(self, data: bytes) -> None:
         async with self._send_lock:
+            # A writer already cancelled (its session closing) leaves the kept bytes for
+            # the close's own write, rather than taking them into a send that fails.
+            await trio.lowlevel.checkpoint_if_cancelled()
             if self._unsent:
                 data = bytes(self._unsent) + data
                 self._unsent.clear()

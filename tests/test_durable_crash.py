@@ -1,0 +1,439 @@
+"""Durable acks with real processes, real signals, the real npm client (issue 14).
+
+``serve --durable-acks`` promises that an acked (or broadcast) edit is on disk. So:
+
+- SIGKILL the server over and over while npm clients (tests/node/durable_editor.mjs) edit,
+  on files, SQLite and PostgreSQL: after each kill, storage holds every value any client saw
+  acked, and the room's timestamp is never behind the highest acked one; the restarted
+  server serves them, and no client is ever asked to resync (the server never went back).
+- Pipelined patches from several clients, grouped into commits: each client gets its acks in
+  the order it sent them, and its acks and broadcasts together in one increasing order.
+- SIGTERM leaves only ``R.json`` files in the data folder (no journal, no temp file), holding
+  every acked edit; so does a restart after a SIGKILL, even for rooms nobody opens again.
+
+Without durable acks and with a 5 s save throttle, the SIGKILL test finds acked edits lost:
+that is how we know it can fail.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import random
+import signal
+import subprocess
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+import pytest
+import trio
+
+from canvas_store_trio import Snapshot, decode_snapshot, open_storage_backend
+
+from .conftest import Client, frames_of, node_modules
+from .processes import Server, client, server_process
+from .storage_helpers import postgres_schema
+
+DURABLE = ("--durable-acks",)
+EDITOR_SCRIPT = Path(__file__).resolve().parent / "node" / "durable_editor.mjs"
+ROUNDS = 5
+
+
+# --- where the rooms live ----------------------------------------------------------------
+
+
+@attrs.frozen
+class Place:
+    """A storage: the options ``serve`` takes for it, and its URL for this process."""
+
+    options: tuple[str, ...]
+    url: str
+
+
+@pytest.fixture(params=["file", "sqlite", "postgres"])
+def place(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Place]:
+    if request.param == "file":
+        folder = tmp_path / "rooms"
+        yield Place(("--data-dir", str(folder)), str(folder))
+    elif request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'rooms.db'}"  # an absolute path: sqlite:////tmp/...
+        yield Place(("--storage", url), url)
+    else:
+        with postgres_schema(as_url=True) as url:  # skips (or fails in CI) without a server
+            yield Place(("--storage", url), url)
+
+
+async def load_rooms(place: Place, rooms: list[str]) -> dict[str, Snapshot]:
+    """What a restarted server would load for each room, read with no server running."""
+    found = {}
+    async with open_storage_backend(place.url) as backend:
+        for room in rooms:
+            snapshot = await backend.create_storage(room).load()
+            found[room] = snapshot or Snapshot(0, {}, {})  # never saved
+    return found
+
+
+# --- the npm clients ---------------------------------------------------------------------
+
+
+@attrs.define
+class EditorLog:
+    """What the node editors reported, folded as it arrives."""
+
+    acked: dict[str, dict[str, int]] = attrs.Factory(lambda: defaultdict(dict))
+    """room -> key -> the highest value an ack covered"""
+    top_ack: dict[str, int] = attrs.Factory(lambda: defaultdict(int))
+    """room -> the highest ack timestamp"""
+    acks: int = 0
+    synced: dict[str, list[int]] = attrs.Factory(lambda: defaultdict(list))
+    """client -> the timestamp of each ``synced`` it got, one per connection"""
+    closed: dict[str, int] = attrs.Factory(lambda: defaultdict(int))
+    resyncs: list[dict[str, Any]] = attrs.Factory(list)
+    still_in_flight: list[dict[str, Any]] = attrs.Factory(list)
+    errors: list[str] = attrs.Factory(list)
+    changed: trio.Event = attrs.Factory(trio.Event)
+
+    def take(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "ack":
+            self.acks += 1
+            room = event["room"]
+            mine = self.acked[room]
+            for key, value in event["values"].items():
+                mine[key] = max(mine.get(key, value), value)
+            self.top_ack[room] = max(self.top_ack[room], event["timestamp"])
+            if event["inFlight"]:
+                self.still_in_flight.append(event)
+        elif kind == "synced":
+            self.synced[event["client"]].append(event["timestamp"])
+        elif kind == "closed":
+            self.closed[event["client"]] += 1
+        elif kind == "resync":
+            self.resyncs.append(event)
+        elif kind == "error":
+            self.errors.append(event["message"])
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def all_synced(self, clients: list[str], times: int) -> bool:
+        return all(len(self.synced[c]) >= times for c in clients)
+
+    def all_closed_since(self, before: dict[str, int]) -> bool:
+        """Whether every client's socket closed since ``closed`` was ``before``."""
+        return all(self.closed[c] > n for c, n in before.items())
+
+    async def wait_for(self, what: str, condition: Any, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            while not condition():
+                assert not self.errors, self.errors
+                await self.changed.wait()
+            return
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}: {self.summary()}")
+
+    def summary(self) -> str:
+        return (f"{self.acks} acks, synced {dict(self.synced)}, closed {dict(self.closed)}, "
+                f"errors {self.errors}")
+
+
+@asynccontextmanager
+async def editors(url: str, rooms: list[str], clients: int, modules: str
+                  ) -> AsyncIterator[EditorLog]:
+    """tests/node/durable_editor.mjs: ``clients`` npm clients per room, editing at once,
+    loading the npm packages from the folder ``modules``.
+
+    On the way out it is told to stop, and must exit 0.
+    """
+    process = await trio.lowlevel.open_process(
+        ["node", str(EDITOR_SCRIPT), "--url", url, "--clients", str(clients),
+         "--node-modules", modules, *(f"--room={room}" for room in rooms)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdin is not None and process.stdout is not None
+    assert process.stderr is not None
+    log = EditorLog()
+    stderr = bytearray()
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def read_events() -> None:
+                assert process.stdout is not None
+                pending = b""
+                while chunk := await process.stdout.receive_some(65536):
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    for line in lines:
+                        log.take(orjson.loads(line))
+
+            async def read_stderr() -> None:
+                assert process.stderr is not None
+                while chunk := await process.stderr.receive_some(65536):
+                    stderr.extend(chunk)
+
+            nursery.start_soon(read_events)
+            nursery.start_soon(read_stderr)
+            yield log
+            with trio.fail_after(10):
+                await process.stdin.send_all(b"stop\n")
+                await process.stdin.aclose()
+                await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+    assert process.returncode == 0, (process.returncode, log.errors, stderr.decode()[-3000:])
+    assert not log.errors, log.errors
+
+
+def lost_edits(acked: dict[str, int], state: dict[str, Any]) -> dict[str, tuple[int, Any]]:
+    """The acked keys whose stored value is older than the last acked one (key -> both).
+
+    Each key has one writer, whose values only grow: last writer wins, so a value at
+    least as new as the last acked one is right.
+    """
+    lost = {}
+    for key, value in acked.items():
+        record = state.get(key, {})
+        stored = record.get("v") if record.get("_exists", True) else None
+        if not (isinstance(stored, int) and stored >= value):
+            lost[key] = (value, stored)
+    return lost
+
+
+async def read_room(server: Server, room: str) -> tuple[dict[str, Any], int]:
+    """The room as a fresh raw client gets it: (the diff since 0, the synced timestamp)."""
+    async with client(server, room, f"reader-{random.randrange(10**9)}") as reader:
+        frames = await reader.reconnect()
+    diff: dict[str, Any] = {}
+    for patch in frames_of(frames, "patch"):  # presence comes too; only one has the diff
+        for document_patch in patch.get("documentPatches", ()):
+            diff.update(document_patch)
+    return diff, frames[-1]["timestamp"]
+
+
+@pytest.fixture
+def modules() -> str:
+    """Where the npm client is (a skip, or a failure under CI, if nowhere)."""
+    return node_modules()
+
+
+@pytest.mark.node
+async def test_sigkill_over_and_over_loses_no_acked_edit(place: Place, modules: str) -> None:
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    rooms = ["a", "b"]
+    clients = [f"{room}-c{i}" for room in rooms for i in range(2)]
+    serve = (*place.options, *DURABLE, "--save-throttle", "5")
+    stored_before: dict[str, int] = {room: 0 for room in rooms}
+    top_at_kill: dict[str, int] = {}
+    report = []
+    with trio.fail_after(45):
+        # The first server stays "open" (dead after round 0) around the editors, which
+        # outlive it; later ones reuse its port, so the clients reconnect to them.
+        async with (
+            server_process(*serve) as first,
+            editors(f"ws://127.0.0.1:{first.port}/", rooms, clients=2, modules=modules) as log,
+        ):
+            for round_ in range(ROUNDS):
+                async with (
+                    nullcontext(first) if round_ == 0
+                    else server_process(*serve, port=first.port)
+                ) as server:
+                    if round_:
+                        # As the restarted server serves it (the editors may be back).
+                        for room in rooms:
+                            diff, timestamp = await read_room(server, room)
+                            lost = lost_edits(log.acked[room], diff)
+                            assert not lost, (f"seed {seed}, round {round_}: served room {room!r}"
+                                              f" lacks acked edits: {sorted(lost.items())[:5]}")
+                            assert timestamp >= log.top_ack[room]
+                    await log.wait_for(f"every client synced {round_ + 1} time(s)",
+                                       functools.partial(log.all_synced, clients, round_ + 1),
+                                       timeout=15)
+                    for c in clients:  # the server never comes back behind what was acked
+                        assert log.synced[c][-1] >= top_at_kill.get(c.split("-")[0], 0), (
+                            c, log.synced[c], top_at_kill)
+                    acks_before = log.acks
+                    await trio.sleep(rng.uniform(0.3, 1.5))
+                    closed_before = dict(log.closed)
+                    server.process.send_signal(signal.SIGKILL)
+                    await server.process.wait()
+                assert server.process.returncode == -signal.SIGKILL
+                # Every ack a client got came in before its socket closed.
+                await log.wait_for("every client's socket to close",
+                                   functools.partial(log.all_closed_since, closed_before),
+                                   timeout=10)
+                assert log.acks > acks_before, f"round {round_}: nothing was acked"
+                top_at_kill = dict(log.top_ack)  # what the next server must not be behind
+                stored = await load_rooms(place, rooms)
+                for room, snapshot in stored.items():
+                    lost = lost_edits(log.acked[room], snapshot.state)
+                    assert not lost, (
+                        f"seed {seed}, round {round_}: room {room!r} lost {len(lost)} of "
+                        f"{len(log.acked[room])} acked keys (key: (acked, stored)): "
+                        f"{sorted(lost.items())[:5]}; stored timestamp {snapshot.timestamp}, "
+                        f"highest ack {log.top_ack[room]}")
+                    assert snapshot.timestamp >= log.top_ack[room], (
+                        f"seed {seed}, round {round_}: room {room!r} is at timestamp "
+                        f"{snapshot.timestamp}, behind an ack of {log.top_ack[room]}")
+                    assert snapshot.timestamp >= stored_before[room]
+                    stored_before[room] = snapshot.timestamp
+                report.append(f"round {round_}: {log.acks - acks_before} acks, stored "
+                              f"timestamps {stored_before}")
+        assert not log.still_in_flight, log.still_in_flight[:3]
+        assert not log.resyncs, f"the server went back in time: {log.resyncs[:3]}"
+        print(f"seed {seed}; " + "; ".join(report))
+
+        # A last start: it serves every acked edit, and a SIGTERM ends it cleanly.
+        async with server_process(*place.options, *DURABLE) as server:
+            for room in rooms:
+                diff, timestamp = await read_room(server, room)
+                assert not lost_edits(log.acked[room], diff)
+                assert timestamp >= log.top_ack[room]
+            server.process.send_signal(signal.SIGTERM)
+            with trio.fail_after(15):
+                await server.process.wait()
+        assert server.process.returncode == 0, server.log.decode(errors="replace")
+
+
+# --- ack order under group commit ----------------------------------------------------------
+
+
+async def test_pipelined_clients_get_acks_and_broadcasts_in_one_increasing_order(
+    tmp_path: Path,
+) -> None:
+    senders, per_sender = 5, 150
+    total = senders * per_sender
+    with trio.fail_after(30):
+        async with (
+            server_process("--data-dir", str(tmp_path), *DURABLE, "--save-throttle", "5")
+            as server,
+            AsyncExitStack() as stack,
+        ):
+            clients = [await stack.enter_async_context(client(server, "order", f"p{i}"))
+                       for i in range(senders)]
+            for c in clients:
+                await c.reconnect()
+            for c in clients:
+                await c.drain(0.2)  # the clientCount frames of later joins
+            received: dict[int, list[dict[str, Any]]] = {}
+
+            async def send_all(i: int, c: Client) -> None:
+                for n in range(per_sender):  # never waiting for an ack
+                    key = f"p{i}-{n}/c"
+                    await c.send(type="patch", messageId=key,
+                                 documentPatches=[{key: {"_exists": True, "v": n}}])
+
+            async def receive_all(i: int, c: Client) -> None:
+                frames = received[i] = []
+                while len(frames) < total:  # its own acks, and everyone else's edits
+                    frame = await c.receive(timeout=10)
+                    if frame["type"] in ("ack", "patch"):
+                        frames.append(frame)
+
+            async with trio.open_nursery() as nursery:
+                for i, c in enumerate(clients):
+                    nursery.start_soon(receive_all, i, c)
+                    nursery.start_soon(send_all, i, c)
+
+    for i, frames in received.items():
+        acks = frames_of(frames, "ack")
+        assert [a["messageId"] for a in acks] == [f"p{i}-{n}/c" for n in range(per_sender)]
+        ack_stamps = [a["timestamp"] for a in acks]
+        assert all(a < b for a, b in itertools.pairwise(ack_stamps)), ack_stamps
+        # One edit, one timestamp: every client sees each of them once, in the room's order.
+        stamps = [f["timestamp"] for f in frames]
+        assert stamps == list(range(1, total + 1)), (i, [s for s in stamps if s][:40])
+        for frame in frames_of(frames, "patch"):
+            [patch] = frame["documentPatches"]
+            assert not any(key.startswith(f"p{i}-") for key in patch)  # not its own edits
+
+
+# --- clean shutdown: only snapshots remain --------------------------------------------------
+
+
+async def write_acked(c: Client, name: str, count: int, acked: dict[str, Any]) -> None:
+    """``count`` edits of five keys, pipelined; record each key's last acked record."""
+    records = {}
+    for n in range(count):
+        key = f"{name}{n % 5}/c"
+        record = {"_exists": False} if n == count - 1 else {"_exists": True, "v": n}
+        records[f"{name}-{n}"] = (key, record)
+        await c.send(type="patch", messageId=f"{name}-{n}", documentPatches=[{key: record}])
+    for _ in range(count):
+        [*_, ack] = await c.receive_until("ack")
+        key, record = records[ack["messageId"]]
+        acked[key] = record
+
+
+def only_snapshots(folder: Path, rooms: list[str], acked: dict[str, dict[str, Any]]) -> None:
+    """The folder holds ``R.json`` per room and nothing else, with every acked record."""
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{r}.json" for r in rooms)
+    for room in rooms:
+        snapshot = decode_snapshot((folder / f"{room}.json").read_bytes())
+        stored = {key: dict(snapshot.state.get(key, {})) for key in acked[room]}
+        assert stored == acked[room], room
+
+
+async def test_sigterm_leaves_only_snapshots_holding_every_acked_edit(tmp_path: Path) -> None:
+    rooms = ["r1", "r2"]
+    acked: dict[str, dict[str, Any]] = {room: {} for room in rooms}
+    with trio.fail_after(20):
+        async with (
+            server_process("--data-dir", str(tmp_path), *DURABLE, "--save-throttle", "1000")
+            as server,
+            client(server, "r1", "w1") as w1,
+            client(server, "r1", "w2") as w2,
+            client(server, "r2", "w3") as w3,
+        ):
+            for c in (w1, w2, w3):
+                await c.reconnect()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_acked, w1, "w1-", 40, acked["r1"])
+                nursery.start_soon(write_acked, w2, "w2-", 40, acked["r1"])
+                nursery.start_soon(write_acked, w3, "w3-", 40, acked["r2"])
+            server.process.send_signal(signal.SIGTERM)
+            with trio.fail_after(15):
+                await server.process.wait()
+        assert server.process.returncode == 0, server.log.decode(errors="replace")
+    only_snapshots(tmp_path, rooms, acked)
+
+
+async def test_after_a_sigkill_a_restart_folds_journals_of_rooms_nobody_reopens(
+    tmp_path: Path,
+) -> None:
+    """``old`` was saved by a clean shutdown, then edited again; ``new`` was never saved.
+    After a SIGKILL both have journals; a restart and a SIGTERM, with no client at all,
+    must leave only snapshots with every acked edit."""
+    rooms = ["old", "new"]
+    acked: dict[str, dict[str, Any]] = {room: {} for room in rooms}
+    serve = ("--data-dir", str(tmp_path), *DURABLE, "--save-throttle", "1000")
+    with trio.fail_after(30):
+        async with server_process(*serve) as server:
+            async with client(server, "old", "w0") as w0:
+                await w0.reconnect()
+                await write_acked(w0, "before-", 20, acked["old"])
+            server.process.send_signal(signal.SIGTERM)
+            await server.process.wait()
+        assert server.process.returncode == 0, server.log.decode(errors="replace")
+        only_snapshots(tmp_path, ["old"], acked)
+
+        async with server_process(*serve) as server:
+            async with client(server, "old", "w1") as w1, client(server, "new", "w2") as w2:
+                await w1.reconnect()
+                await w2.reconnect()
+                await write_acked(w1, "after-", 30, acked["old"])
+                await write_acked(w2, "w2-", 30, acked["new"])
+            server.process.send_signal(signal.SIGKILL)
+            await server.process.wait()
+        names = {p.name for p in tmp_path.iterdir()}
+        assert {"old.journal", "new.journal"} <= names, names  # the edits are only journaled
+
+        async with server_process(*serve) as server:
+            server.process.send_signal(signal.SIGTERM)
+            await server.process.wait()
+        assert server.process.returncode == 0, server.log.decode(errors="replace")
+    only_snapshots(tmp_path, rooms, acked)
