@@ -242,3 +242,6 @@ async def test_ctrl_c_exits_0_and_clients_get_1001(
             process.communicate()
     assert process.returncode == 0, output
     assert "Traceback" not in output
+    if name == "serve":
+        # Durable acks are opt-in (bench/README.md has why); the start-up line says which.
+        assert "acks once in memory" in output, output
