@@ -364,3 +364,71 @@ async def test_closing_a_room_commits_first_so_its_held_acks_go_out_before_the_1
         assert [f["messageId"] for f in frames_of(frames, "ack")] == ["a/k"]
         assert closed.value.reason.code == 1001
         assert storage.timestamp == 1
+
+
+@attrs.define(eq=False)
+class RecordingGroup:
+    """A commit group that records each batch (its rooms), holds it while ``gate`` is
+    set, and fails the rooms in ``failing``."""
+
+    batches: list[list[str]] = attrs.Factory(list)
+    failing: set[str] = attrs.Factory(set)
+    gate: trio.Event | None = None
+
+    async def commit_many(self, commits: Any) -> list[Exception | None]:
+        self.batches.append([storage.room_id for storage, _ in commits])
+        if self.gate is not None:
+            await self.gate.wait()
+        errors: list[Exception | None] = []
+        for storage, changes in commits:
+            if storage.room_id in self.failing:
+                errors.append(StorageError("the disk is full"))
+            else:
+                await storage.commit(changes)
+                errors.append(None)
+        return errors
+
+
+@attrs.define
+class GroupedStorage(CommandedStorage):
+    room_id: str = ""
+    commit_group: RecordingGroup = attrs.Factory(RecordingGroup)
+
+
+async def test_rooms_of_one_commit_group_commit_together_and_fail_alone(
+    autojump_clock: Any,
+) -> None:
+    group = RecordingGroup(gate=trio.Event())
+    storages = {room: GroupedStorage(room_id=room, commit_group=group)
+                for room in ("r0", "r1", "r2")}
+    async with (
+        RoomManager(durable_acks=True, create_storage=storages.__getitem__,
+                    save_throttle=1000.0, idle_timeout=600.0, flush_timeout=60.0,
+                    limits=NO_PINGS) as manager,
+        connect(manager, "roomId=r0&clientId=a") as a,
+        connect(manager, "roomId=r1&clientId=b") as b,
+        connect(manager, "roomId=r2&clientId=c") as c,
+    ):
+        for client in (a, b, c):
+            await client.reconnect()
+        await edit(a, "first/a")
+        with trio.fail_after(5):
+            while not group.batches:  # in flight, held at the gate
+                await trio.sleep(0.001)
+        await edit(b, "k/b")
+        await edit(c, "k/c")
+        await edit(a, "second/a")
+        with trio.move_on_after(QUIET):  # nothing is acked while the batch is held
+            frame = await a.receive()
+            raise AssertionError(f"a frame came while its commit was held: {frame}")
+        group.failing.add("r1")
+        gate, group.gate = group.gate, None
+        gate.set()
+        assert [f["messageId"] for f in await take(a, "ack", 2)] == ["first/a", "second/a"]
+        assert [f["messageId"] for f in await take(c, "ack", 1)] == ["k/c"]
+        frames, code = await until_closed(b)
+        assert code == 1013 and not frames_of(frames, "ack"), frames
+    # The three rooms' edits applied while the first batch was held made one batch.
+    assert group.batches[0] == ["r0"]
+    assert sorted(group.batches[1]) == ["r0", "r1", "r2"]
+    assert storages["r1"].commits == [] and storages["r2"].timestamp == 1

@@ -37,6 +37,7 @@ from .storage._backends import FileBackend as FileBackend
 from .storage._backends import MemoryBackend as MemoryBackend
 from .storage._backends import StorageBackend as StorageBackend
 from .storage._backends import open_storage_backend as open_storage_backend
+from .storage._base import CommitGroup as CommitGroup
 from .storage._base import IncrementalStorage as IncrementalStorage
 from .storage._base import JournalStorage as JournalStorage
 from .storage._base import MemoryStorage as MemoryStorage

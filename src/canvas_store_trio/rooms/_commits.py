@@ -3,20 +3,22 @@
 With durable acks on, every frame that carries a document edit (its ack, its broadcast,
 the diff a joining client gets) is held by the room's :class:`Committer` until a
 ``commit`` holding that edit has returned, then sent, in the order the room applied
-the edits. Commits are grouped and pipelined: one is in flight per room at a time, and
-every edit applied meanwhile goes into the next one, while the room keeps applying.
+the edits. Commits are grouped and pipelined: the rooms whose storages share a commit
+group (a folder, a database) commit together, one batch in flight at a time, and every
+edit applied meanwhile goes into the next one, while the rooms keep applying.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import trio
 
-from .._document import Document
-from ..storage._base import JournalStorage
+from .._document import Changes, Document
+from ..storage._base import CommitGroup, JournalStorage
 from ._session import Session
 
 logger = logging.getLogger("canvas_store_trio")
@@ -46,7 +48,9 @@ class Committer:
     now on only the committer takes. ``on_committed`` runs after each commit once its
     frames are queued (the room flushes them); ``on_failed(error)`` runs once, when a
     commit fails or takes over ``timeout`` seconds: the held frames are dropped, and the
-    committer commits nothing more.
+    committer commits nothing more. The commits themselves are run by its group's
+    :class:`_CommitDriver` (the storage's ``commit_group``, else one of its own), not
+    by a task of the room: those callbacks run in the driver's system task.
     """
 
     def __init__(
@@ -74,8 +78,11 @@ class Committer:
         """Frames waiting for edits that no commit holds yet."""
         self._in_flight: _HeldFrames | None = None
         self._in_flight_through = 0
-        self._wanted = trio.Event()
         self._progress = trio.Event()
+        group = getattr(storage, "commit_group", None)
+        self._driver = _CommitDriver.of(group) if group is not None else _CommitDriver(
+            _SoleStorage(storage)
+        )
 
     @property
     def uncommitted(self) -> bool:
@@ -143,56 +150,46 @@ class Committer:
             session.send(frame)
 
     def wanted(self) -> None:
-        """Tell :meth:`run` that there is something to commit."""
-        self._wanted.set()
+        """Say that there is something to commit: it joins the next commit of its group."""
+        self._driver.want(self)
 
     # --- commits ---------------------------------------------------------------------
-
-    async def run(self) -> None:
-        """Commit whatever has been applied, one commit at a time, until cancelled or
-        until a commit fails. Cancellation never interrupts a commit (they are shielded,
-        for at most ``timeout`` seconds each)."""
-        while self.error is None:
-            await self._wanted.wait()
-            self._wanted = trio.Event()
-            if self.uncommitted and self._in_flight is None:
-                await self._commit_next()
 
     async def commit_through(self, timestamp: int) -> None:
         """Return once every edit up to ``timestamp`` is durable, committing if need be.
 
-        Raise :class:`CommitError` if a commit fails first (now or earlier).
+        Raise :class:`CommitError` if a commit fails first (now or earlier). Cancelled,
+        it only stops waiting: the commit goes on.
         """
         while self.committed < timestamp:
             if self.error is not None:
                 raise CommitError(f"room {self.room_id!r}: {self.error}")
             if self._in_flight is None:
-                await self._commit_next()
-            else:
-                await self._progress.wait()
+                self.wanted()
+            await self._progress.wait()
 
-    async def _commit_next(self) -> None:
+    def _begin(self) -> Changes:
+        """Take what to commit now; the frames held so far wait for it."""
         changes = self.document.take_changes()
         held, self._next = self._next, _HeldFrames()
         self._in_flight, self._in_flight_through = held, changes.timestamp
-        try:
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + self.timeout
-                await self.storage.commit(changes)
-            if scope.cancelled_caught:
-                raise TimeoutError(f"a commit took over {self.timeout:g} s")
-        except Exception as exc:
-            self._fail(exc)
-            return
-        finally:
-            self._in_flight = None
-            self._progress.set()
-            self._progress = trio.Event()
-        self.committed = changes.timestamp
-        self.commits += 1
-        for session, frame in held.frames:
-            session.send(frame)
-        self._on_committed()
+        return changes
+
+    def _end(self, changes: Changes, error: Exception | None) -> None:
+        """The commit of ``changes`` is durable (``error`` None), or failed."""
+        held, self._in_flight = self._in_flight, None
+        progress, self._progress = self._progress, trio.Event()
+        if error is not None:
+            self._fail(error)
+        else:
+            self.committed = changes.timestamp
+            self.commits += 1
+            assert held is not None
+            for session, frame in held.frames:
+                session.send(frame)
+        progress.set()
+        if error is None:
+            self._on_committed()
 
     def _fail(self, exc: Exception) -> None:
         # Kept without its traceback: its frames hold the room.
@@ -206,3 +203,91 @@ class Committer:
             self.error,
         )
         self._on_failed(self.error)
+
+
+@attrs.frozen(eq=False)
+class _SoleStorage:
+    """The commit group of a storage that names none: its rooms commit on their own."""
+
+    storage: JournalStorage
+
+    async def commit_many(
+        self, commits: Sequence[tuple[Any, Changes]]
+    ) -> list[Exception | None]:
+        errors: list[Exception | None] = []
+        for _, changes in commits:
+            try:
+                await self.storage.commit(changes)
+            except Exception as exc:
+                errors.append(exc)
+            else:
+                errors.append(None)
+        return errors
+
+
+class _CommitDriver:
+    """Commits the rooms of one :class:`CommitGroup` in lockstep, with no task per room.
+
+    One batch is in flight at a time: every room with edits applied meanwhile joins the
+    next, which starts as soon as the last one has returned and its frames are sent. A
+    system task runs the batches while any room waits, and ends when none does. Each
+    batch is shielded from cancellation, for at most the smallest ``timeout`` of its
+    rooms; past that, each of them fails with a :class:`TimeoutError`.
+    """
+
+    def __init__(self, group: CommitGroup) -> None:
+        self.group = group
+        self._waiting: dict[Committer, None] = {}
+        self._running = False
+
+    @classmethod
+    def of(cls, group: CommitGroup) -> _CommitDriver:
+        """The driver of ``group`` in this Trio run."""
+        try:
+            drivers = _drivers.get()
+        except LookupError:
+            drivers = {}
+            _drivers.set(drivers)
+        driver = drivers.get(id(group))
+        if driver is None or driver.group is not group:
+            driver = drivers[id(group)] = cls(group)  # it holds the group: ids stay unique
+        return driver
+
+    def want(self, committer: Committer) -> None:
+        self._waiting[committer] = None
+        if not self._running:
+            self._running = True
+            trio.lowlevel.spawn_system_task(self._run, name="canvas-store commits")
+
+    async def _run(self) -> None:
+        try:
+            while self._waiting:
+                batch = [c for c in self._waiting if c.error is None and c._in_flight is None]
+                self._waiting.clear()
+                batch = [c for c in batch if c.uncommitted]
+                if batch:
+                    await self._commit(batch)
+        finally:
+            self._running = False
+            self._waiting.clear()
+
+    async def _commit(self, batch: list[Committer]) -> None:
+        commits = [(c.storage, c._begin()) for c in batch]
+        timeout = min(c.timeout for c in batch)
+        errors: list[Exception | None]
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + timeout
+            try:
+                errors = await self.group.commit_many(commits)
+            except Exception as exc:  # the group's own failure: every room's
+                errors = [exc] * len(batch)
+        if scope.cancelled_caught:
+            errors = [TimeoutError(f"a commit took over {timeout:g} s")] * len(batch)
+        for committer, (_, changes), error in zip(batch, commits, errors, strict=True):
+            try:
+                committer._end(changes, error)
+            except Exception:  # a bug in a room must not end every room's commits
+                logger.exception("room %r: handling a commit failed", committer.room_id)
+
+
+_drivers: trio.lowlevel.RunVar[dict[int, _CommitDriver]] = trio.lowlevel.RunVar("commit_drivers")

@@ -201,8 +201,6 @@ class Room:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.saver.run)
-                if self.committer is not None:
-                    nursery.start_soon(self.committer.run)
                 if self.limits.ping_interval is not None:
                     nursery.start_soon(
                         functools.partial(

@@ -10,6 +10,7 @@ from ._backends import FileBackend as FileBackend
 from ._backends import MemoryBackend as MemoryBackend
 from ._backends import StorageBackend as StorageBackend
 from ._backends import open_storage_backend as open_storage_backend
+from ._base import CommitGroup as CommitGroup
 from ._base import IncrementalStorage as IncrementalStorage
 from ._base import JournalStorage as JournalStorage
 from ._base import MemoryStorage as MemoryStorage

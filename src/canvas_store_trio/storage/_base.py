@@ -17,14 +17,15 @@ backends run one transaction for every room's pending edits.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
 from .._document import Changes, Snapshot
 
 __all__ = [
+    "CommitGroup",
     "IncrementalStorage",
     "JournalStorage",
     "MemoryStorage",
@@ -80,6 +81,23 @@ class JournalStorage(Storage, Protocol):
 
         Raise on failure: the room then acks none of them. A caller cancelled midway
         has not been told whether they are durable; the room shields its commits.
+        """
+        ...
+
+
+class CommitGroup(Protocol):
+    """Commits several rooms' changes together: one transaction, one file sync.
+
+    A :class:`JournalStorage` may name the group it shares with other rooms' storages
+    as its ``commit_group`` attribute (a folder's writer, a database's group commit).
+    With durable acks, the rooms of one group then commit in lockstep, one call for all
+    of them at a time, with no task per room.
+    """
+
+    async def commit_many(self, commits: Sequence[tuple[Any, Changes]]) -> list[Exception | None]:
+        """Make each ``(storage, changes)`` durable (the storages are this group's own),
+        each all or nothing; return, in order, None for each that is durable and the
+        error for each that is not. Cancelled midway, as :meth:`JournalStorage.commit`.
         """
         ...
 

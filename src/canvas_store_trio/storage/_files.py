@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Generic, Self, TypeVar
 
@@ -331,12 +331,22 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
         job = _WriteJob(path, parts=parts, journal=journal, fold_through=fold_through, view=view)
         await self._run(job)
 
-    async def append(
-        self, journal: Path, record: JournalRecord, *, view: JournalScan | None = None
-    ) -> None:
-        """Append ``record`` to ``journal`` and make it durable; on ``OSError`` the
-        journal is left as it was."""
-        await self._run(_AppendJob(journal, record=record, view=view))
+    async def commit_many(
+        self, commits: Sequence[tuple[FileStorage, Changes]]
+    ) -> list[Exception | None]:
+        """Append each room's changes to its journal, all in one batch of the worker
+        (:class:`CommitGroup`); an append that fails leaves its journal as it was.
+
+        Cancelled, the appends still run to their end; the caller only stops waiting.
+        """
+        done = trio.Event()  # one for all: they are done in one batch
+        jobs = [storage._append_job(changes, done) for storage, changes in commits]
+        if jobs:
+            self._queued.extend(jobs)
+            if not self._busy:
+                self._start()
+            await done.wait()
+        return [_append_error(job) for job in jobs]
 
     def _journal(self, path: Path, view: JournalScan | None, *, read: bool = True) -> JournalFile:
         """This worker's state of one journal: ``view`` if given (replacing what it
@@ -468,6 +478,16 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
                     job.journal_file.entry_unsynced = False
 
 
+def _append_error(job: _AppendJob) -> Exception | None:
+    """What a failed append raises to its room (None: it is durable)."""
+    error = job.error
+    if isinstance(error, OSError):
+        return StorageError(f"cannot append to {job.path}: {error.strerror}")
+    if error is None or isinstance(error, Exception):
+        return error
+    raise error  # not an Exception: let it through
+
+
 class FolderReader(_FolderWorker[_ReadJob]):
     """Reads whole files of one folder (see :class:`_FolderWorker`).
 
@@ -537,13 +557,23 @@ class FileStorage:
     """What the last load found in the journal, for the writer thread (handed over with
     the next job, so the thread need not read the journal again)."""
 
-    @property
-    def path(self) -> Path:
+    path: Path = attrs.field(init=False, repr=False, eq=False)
+    """The snapshot, ``<room>.json``."""
+    journal_path: Path = attrs.field(init=False, repr=False, eq=False)
+    """The journal, ``<room>.journal``."""
+
+    @path.default
+    def _default_path(self) -> Path:
         return self.dir / room_file_name(self.room_id)
 
-    @property
-    def journal_path(self) -> Path:
+    @journal_path.default
+    def _default_journal_path(self) -> Path:
         return self.dir / journal_file_name(self.room_id)
+
+    @property
+    def commit_group(self) -> FolderWriter:
+        """Where the commits of this folder's rooms meet (:class:`CommitGroup`)."""
+        return FolderWriter.of(self.dir)
 
     async def load(self) -> Snapshot | None:
         """The snapshot with the journal replayed over it; None for a room with neither.
@@ -590,12 +620,14 @@ class FileStorage:
         If cancelled, the append still runs to its end in the writer thread, and the
         caller cannot know whether it became durable.
         """
+        [error] = await self.commit_group.commit_many([(self, changes)])
+        if error is not None:
+            raise error
+
+    def _append_job(self, changes: Changes, done: trio.Event) -> _AppendJob:
         record = JournalRecord(changes.timestamp, encode_record(changes))
         view, self._journal_view = self._journal_view, None
-        try:
-            await FolderWriter.of(self.dir).append(self.journal_path, record, view=view)
-        except OSError as exc:
-            raise StorageError(f"cannot append to {self.journal_path}: {exc.strerror}") from None
+        return _AppendJob(self.journal_path, done, record=record, view=view)
 
     async def save(self, snapshot: Snapshot) -> None:
         """Write the whole snapshot and remove the journal (the snapshot is the truth)."""

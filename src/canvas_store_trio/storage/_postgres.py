@@ -353,3 +353,8 @@ class PostgresStorage:
     async def commit(self, changes: Changes) -> None:
         """:meth:`save_changes`, in one transaction with other rooms' commits."""
         await self.database.group_commit.commit(self.room_id, changes)
+
+    @property
+    def commit_group(self) -> GroupCommit:
+        """Where the commits of this database's rooms meet (:class:`CommitGroup`)."""
+        return self.database.group_commit

@@ -27,8 +27,8 @@ those that arrive meanwhile wait for the next one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 import attrs
 import orjson
@@ -173,7 +173,12 @@ class _QueuedCommit:
     room_id: str
     changes: Changes
     done: trio.Event = attrs.Factory(trio.Event)
-    error: BaseException | None = None
+    error: Exception | None = None
+
+
+class _RoomStorage(Protocol):
+    @property
+    def room_id(self) -> str: ...
 
 
 class GroupCommit:
@@ -201,16 +206,30 @@ class GroupCommit:
 
         Return once committed; raise what the write raised if it failed.
         """
-        job = _QueuedCommit(room_id, changes)
-        self._queued.append(job)
+        [error] = await self._commit([_QueuedCommit(room_id, changes)])
+        if error is not None:
+            raise error
+
+    async def commit_many(
+        self, commits: Sequence[tuple[_RoomStorage, Changes]]
+    ) -> list[Exception | None]:
+        """:meth:`commit` for several rooms (:class:`CommitGroup`), in one transaction
+        unless that fails; each room's error, or None, in order."""
+        return await self._commit(
+            [_QueuedCommit(storage.room_id, changes) for storage, changes in commits]
+        )
+
+    async def _commit(self, jobs: list[_QueuedCommit]) -> list[Exception | None]:
+        if not jobs:
+            return []
+        self._queued.extend(jobs)  # queued together, so written in one batch
         token = trio.lowlevel.current_trio_token()
         if self._token is not token:  # first use in this Trio run
             self._token = token
             trio.lowlevel.spawn_system_task(self._run, name="canvas-store group commit")
         self._wakeup.set()
-        await job.done.wait()
-        if job.error is not None:
-            raise job.error
+        await jobs[-1].done.wait()
+        return [job.error for job in jobs]
 
     async def _run(self) -> None:
         while True:

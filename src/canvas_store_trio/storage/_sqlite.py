@@ -275,6 +275,11 @@ class SQLiteStorage:
         """:meth:`save_changes`, in one transaction with other rooms' commits."""
         await self.database.group_commit.commit(self.room_id, changes)
 
+    @property
+    def commit_group(self) -> GroupCommit:
+        """Where the commits of this database's rooms meet (:class:`CommitGroup`)."""
+        return self.database.group_commit
+
 
 def _with_room(
     room_id: str, rows: Iterable[tuple[str, str | None, str | None]]
