@@ -12,13 +12,14 @@ WebSocket side is still trio-websocket's (``wrap_server_stream``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import trio
-from trio_websocket import wrap_server_stream
+from trio_websocket import WebSocketConnection, wrap_server_stream
 
 from ._handshake import (
     AcceptedSocket,
@@ -29,6 +30,7 @@ from ._handshake import (
 )
 from ._http import HttpHandler, default_http_handler
 from ._poller import open_read_poller
+from ._wire import close_frame
 
 logger = logging.getLogger("canvas_store_trio")
 
@@ -59,6 +61,9 @@ class _HeldBackStream(trio.abc.Stream):
         """What the next reads return: the head, then (once released) the rest."""
         self._rest = rest
         self.released = trio.Event()
+        self.connection: WebSocketConnection | None = None
+        """The accepted connection, once it is."""
+        self._close_sent = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if not self._pending:
@@ -71,13 +76,40 @@ class _HeldBackStream(trio.abc.Stream):
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        # trio-websocket sends one wsproto event a call: a close frame starts the data.
+        self._close_sent = self._close_sent or data[:1] == _CLOSE_FRAME_START
         await self._stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
+        """Close the stream; first, send the close frame trio-websocket owes the peer
+        after a protocol error (it fails the connection without one:
+        docs/upstream-trio-websocket.md)."""
+        closed = self.connection.closed if self.connection is not None else None
+        if closed is not None and closed.code in _PROTOCOL_ERROR_CODES and not self._close_sent:
+            self._close_sent = True
+            with (
+                trio.move_on_after(CLOSE_TIMEOUT),
+                contextlib.suppress(trio.BrokenResourceError, trio.BusyResourceError,
+                                    trio.ClosedResourceError),
+            ):
+                await self._stream.send_all(close_frame(closed.code, closed.reason or ""))
+                # Then EOF, and read on until the peer closes too: closing with unread
+                # bytes would reset the connection, and a reset can destroy the close
+                # frame before the peer reads it.
+                if isinstance(self._stream, trio.abc.HalfCloseableStream):
+                    await self._stream.send_eof()
+                while await self._stream.receive_some(65536):
+                    pass
         await self._stream.aclose()
+
+
+_CLOSE_FRAME_START = b"\x88"
+"""The first byte of a server's close frame (FIN, opcode 8, unmasked)."""
+_PROTOCOL_ERROR_CODES = frozenset((1002, 1007, 1009))
+"""Close codes with which wsproto reports a frame it could not parse."""
 
 
 async def serve_websocket_stream(
@@ -109,7 +141,8 @@ async def serve_websocket_stream(
             accepted: list[AcceptedSocket] = []
 
             async def accept(subprotocol: str | None) -> AcceptedSocket:
-                accepted.append(await ws_request.accept(subprotocol=subprotocol))
+                held.connection = await ws_request.accept(subprotocol=subprotocol)
+                accepted.append(held.connection)
                 held.released.set()
                 return accepted[0]
 

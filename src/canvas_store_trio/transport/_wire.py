@@ -56,6 +56,11 @@ def _control_frame(opcode: int, payload: bytes = b"") -> bytes:
     return bytes((0x80 | opcode, len(payload))) + payload
 
 
+def close_frame(code: int, reason: str) -> bytes:
+    """A server's close frame (see :func:`_close_payload`)."""
+    return _control_frame(_OP_CLOSE, _close_payload(code, reason))
+
+
 def _close_payload(code: int, reason: str) -> bytes:
     """A close frame's payload: the code and at most 123 bytes of reason, cut between
     characters; nothing for a code that must not be sent (1005, 1006)."""
@@ -452,7 +457,7 @@ class WireSocket:
             return
         self._close_sent = True
         try:
-            await self._write(_control_frame(_OP_CLOSE, _close_payload(code, reason or "")))
+            await self._write(close_frame(code, reason or ""))
             with trio.move_on_after(2.0):
                 while not self._peer_closed and not self._close_in_buffer():
                     data = await self._stream.receive_some(RECEIVE_SIZE)
