@@ -93,6 +93,7 @@ class EditorLog:
     synced: dict[str, list[int]] = attrs.Factory(lambda: defaultdict(list))
     """client -> the timestamp of each ``synced`` it got, one per connection"""
     closed: dict[str, int] = attrs.Factory(lambda: defaultdict(int))
+    close_codes: list[tuple[str, int]] = attrs.Factory(list)
     resyncs: list[dict[str, Any]] = attrs.Factory(list)
     still_in_flight: list[dict[str, Any]] = attrs.Factory(list)
     errors: list[str] = attrs.Factory(list)
@@ -113,6 +114,7 @@ class EditorLog:
             self.synced[event["client"]].append(event["timestamp"])
         elif kind == "closed":
             self.closed[event["client"]] += 1
+            self.close_codes.append((event["client"], event["code"]))
         elif kind == "resync":
             self.resyncs.append(event)
         elif kind == "error":
@@ -262,6 +264,9 @@ async def test_sigkill_over_and_over_loses_no_acked_edit(place: Place, modules: 
                     server.process.send_signal(signal.SIGKILL)
                     await server.process.wait()
                 assert server.process.returncode == -signal.SIGKILL
+                # Shown if the test fails: what each server said, and how sockets closed.
+                print(f"--- round {round_}: server log ---\n{server.log.decode(errors='replace')}"
+                      f"--- closes so far (client, code): {log.close_codes}")
                 # Every ack a client got came in before its socket closed.
                 await log.wait_for("every client's socket to close",
                                    functools.partial(log.all_closed_since, closed_before),
