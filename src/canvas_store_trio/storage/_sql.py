@@ -275,3 +275,29 @@ def _sorted_batch(batch: list[_QueuedCommit]) -> list[RoomChanges]:
             )
     return sorted(merged.items())
 
+
+class _SQLDatabase(Protocol):
+    group_commit: GroupCommit
+
+    async def write_changes(self, batch: list[RoomChanges]) -> None: ...
+
+
+class SQLRoomWrites:
+    """What the SQL room storages share: their incremental saves and durable commits,
+    both written by their database (``database``, for room ``room_id``)."""
+
+    __slots__ = ()
+    database: _SQLDatabase
+    room_id: str
+
+    async def save_changes(self, changes: Changes) -> None:
+        await self.database.write_changes([(self.room_id, changes)])
+
+    async def commit(self, changes: Changes) -> None:
+        """:meth:`save_changes`, in one transaction with other rooms' commits."""
+        await self.database.group_commit.commit(self.room_id, changes)
+
+    @property
+    def commit_group(self) -> GroupCommit:
+        """Where the commits of this database's rooms meet (:class:`CommitGroup`)."""
+        return self.database.group_commit

@@ -19,7 +19,7 @@ from typing import TypeVar
 import attrs
 import trio
 
-from .._document import Changes, Snapshot
+from .._document import Snapshot
 from ._base import StorageError
 from ._sql import (
     MIGRATIONS_TABLE,
@@ -27,6 +27,7 @@ from ._sql import (
     ROOMS_TABLE,
     GroupCommit,
     RoomChanges,
+    SQLRoomWrites,
     change_rows,
     pending_migrations,
     snapshot_from_rows,
@@ -224,7 +225,7 @@ class SQLiteDatabase:
 
 
 @attrs.define(eq=False)
-class SQLiteStorage:
+class SQLiteStorage(SQLRoomWrites):
     """One room's snapshot in a :class:`SQLiteDatabase`; an incremental storage.
 
     :meth:`save` replaces the room's rows; :meth:`save_changes` upserts only the keys
@@ -268,17 +269,6 @@ class SQLiteStorage:
 
         await self.database._run(save, f"cannot save room {room_id!r}")
 
-    async def save_changes(self, changes: Changes) -> None:
-        await self.database.write_changes([(self.room_id, changes)])
-
-    async def commit(self, changes: Changes) -> None:
-        """:meth:`save_changes`, in one transaction with other rooms' commits."""
-        await self.database.group_commit.commit(self.room_id, changes)
-
-    @property
-    def commit_group(self) -> GroupCommit:
-        """Where the commits of this database's rooms meet (:class:`CommitGroup`)."""
-        return self.database.group_commit
 
 
 def _with_room(
