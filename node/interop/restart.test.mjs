@@ -138,6 +138,33 @@ test('acked edits survive a SIGTERM restart; clients reconnect without needing a
   })
 })
 
+// The two kill tests' edits: batch 1 creates three shapes and a stroke, from two clients;
+// batch 2 updates a shape, deletes one, writes a buffer delta and creates a fourth.
+function editBatch1(a, b) {
+  a.edit({
+    'e1/Shape': { _exists: true, x: 1, color: 'red' },
+    'e2/Shape': { _exists: true, x: 2, color: 'red' },
+    's/Stroke': { _exists: true, pts: [1, 1, 0, 0, 0, 0, 0, 0] },
+  })
+  b.edit({ 'e3/Shape': { _exists: true, x: 3, color: 'red' } })
+}
+
+async function editBatch2(a, b, { pauseMs = 0 } = {}) {
+  a.edit({ 'e1/Shape': { x: 10 } })
+  a.edit({ 'e2/Shape': { _exists: false } })
+  a.edit({ 's/Stroke': { pts: { __buf: 1, len: 8, runs: [[2, [2, 2]]] } } })
+  if (pauseMs) await sleep(pauseMs)
+  b.edit({ 'e3/Shape': { color: 'blue' }, 'e4/Shape': { _exists: true, x: 4, color: 'green' } })
+}
+
+/** The live document after both batches (e2 deleted). */
+const AFTER_BATCH_2 = {
+  'e1/Shape': { _exists: true, x: 10, color: 'red' },
+  's/Stroke': { _exists: true, pts: [1, 1, 2, 2, 0, 0, 0, 0] },
+  'e3/Shape': { _exists: true, x: 3, color: 'blue' },
+  'e4/Shape': { _exists: true, x: 4, color: 'green' },
+}
+
 test('a server killed before its throttled save comes back behind the clients and is healed by resync', async () => {
   // Acks from memory, as the reference server gives them: the case durable acks close.
   const server = newServer({ name: 'sigkill', saveThrottle: 1.5, idleTimeout: 30, durableAcks: false })
@@ -148,12 +175,7 @@ test('a server killed before its throttled save comes back behind the clients an
   await connectAll([a, b])
 
   // Batch 1: saved by the throttle.
-  a.edit({
-    'e1/Shape': { _exists: true, x: 1, color: 'red' },
-    'e2/Shape': { _exists: true, x: 2, color: 'red' },
-    's/Stroke': { _exists: true, pts: [1, 1, 0, 0, 0, 0, 0, 0] },
-  })
-  b.edit({ 'e3/Shape': { _exists: true, x: 3, color: 'red' } })
+  editBatch1(a, b)
   await waitFor(() => a.allAcked() && b.allAcked(), { what: 'batch 1 acked', clients: [a, b] })
   const batch1Ts = Math.max(a.lastAckTimestamp(), b.lastAckTimestamp())
   await waitFor(() => server.readSnapshot(room)?.timestamp === batch1Ts, {
@@ -164,11 +186,7 @@ test('a server killed before its throttled save comes back behind the clients an
   await waitConverged([a, b])
 
   // Batch 2: acked, but the server dies before its throttled save.
-  a.edit({ 'e1/Shape': { x: 10 } })
-  a.edit({ 'e2/Shape': { _exists: false } })
-  a.edit({ 's/Stroke': { pts: { __buf: 1, len: 8, runs: [[2, [2, 2]]] } } })
-  await sleep(40)
-  b.edit({ 'e3/Shape': { color: 'blue' }, 'e4/Shape': { _exists: true, x: 4, color: 'green' } })
+  await editBatch2(a, b, { pauseMs: 40 })
   await waitConverged([a, b])
   await waitFor(() => a.allAcked() && b.allAcked(), { what: 'batch 2 acked', clients: [a, b] })
   const lastTs = Math.max(a.lastAckTimestamp(), b.lastAckTimestamp())
@@ -182,12 +200,7 @@ test('a server killed before its throttled save comes back behind the clients an
   )
   assert.ok(lastTs > batch1Ts)
 
-  const expected = {
-    'e1/Shape': { _exists: true, x: 10, color: 'red' },
-    's/Stroke': { _exists: true, pts: [1, 1, 2, 2, 0, 0, 0, 0] },
-    'e3/Shape': { _exists: true, x: 3, color: 'blue' },
-    'e4/Shape': { _exists: true, x: 4, color: 'green' },
-  }
+  const expected = AFTER_BATCH_2
 
   await server.restart()
   await waitReconnected(a, 1)
@@ -235,29 +248,16 @@ test(
     const a = client(server, room, 'A')
     const b = client(server, room, 'B')
     await connectAll([a, b])
-    a.edit({
-      'e1/Shape': { _exists: true, x: 1, color: 'red' },
-      'e2/Shape': { _exists: true, x: 2, color: 'red' },
-      's/Stroke': { _exists: true, pts: [1, 1, 0, 0, 0, 0, 0, 0] },
-    })
-    b.edit({ 'e3/Shape': { _exists: true, x: 3, color: 'red' } })
+    editBatch1(a, b)
     await waitFor(() => a.allAcked() && b.allAcked(), { what: 'batch 1 acked', clients: [a, b] })
-    a.edit({ 'e1/Shape': { x: 10 } })
-    a.edit({ 'e2/Shape': { _exists: false } })
-    a.edit({ 's/Stroke': { pts: { __buf: 1, len: 8, runs: [[2, [2, 2]]] } } })
-    b.edit({ 'e3/Shape': { color: 'blue' }, 'e4/Shape': { _exists: true, x: 4, color: 'green' } })
+    await editBatch2(a, b)
     await waitConverged([a, b])
     await waitFor(() => a.allAcked() && b.allAcked(), { what: 'batch 2 acked', clients: [a, b] })
     const lastTs = Math.max(a.lastAckTimestamp(), b.lastAckTimestamp())
     await server.kill()
     assert.equal(server.readSnapshot(room), null, 'the 30 s throttle never saved a snapshot')
 
-    const expected = {
-      'e1/Shape': { _exists: true, x: 10, color: 'red' },
-      's/Stroke': { _exists: true, pts: [1, 1, 2, 2, 0, 0, 0, 0] },
-      'e3/Shape': { _exists: true, x: 3, color: 'blue' },
-      'e4/Shape': { _exists: true, x: 4, color: 'green' },
-    }
+    const expected = AFTER_BATCH_2
     await server.restart()
     await waitReconnected(a, 1)
     await waitReconnected(b, 1)
