@@ -1,4 +1,5 @@
-"""Helpers for storage tests: a PostgreSQL schema of our own, documents to save.
+"""Helpers for storage tests: a PostgreSQL schema of our own, documents to save, and a
+storage that blocks or fails its commits on command.
 
 PostgreSQL tests use ``$CANVAS_STORE_TEST_POSTGRES`` (default
 ``postgresql://postgres@127.0.0.1:5432/postgres``). Each test gets a fresh schema,
@@ -18,9 +19,19 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlencode
 
+import attrs
 import pytest
+import trio
 
-from canvas_store_trio import Document, IncrementalStorage, Storage
+from canvas_store_trio import (
+    Changes,
+    Document,
+    IncrementalStorage,
+    RecordChange,
+    Snapshot,
+    Storage,
+    StorageError,
+)
 
 POSTGRES_ENV = "CANVAS_STORE_TEST_POSTGRES"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -142,3 +153,67 @@ def random_patch(rng: random.Random, keys: list[str]) -> dict[str, Any]:
         else:
             patch[key] = {rng.choice("abcd"): rng.choice(ODD_VALUES)}
     return patch
+
+
+@attrs.define
+class CommandedStorage:
+    """A room's storage that keeps what was committed, and commits as it is told.
+
+    - :meth:`block`: commits from now on wait until :meth:`release`;
+    - ``fail_next``: the next commit to finish raises :class:`StorageError`.
+
+    ``load`` returns what was committed (and saved). A save of a snapshot newer than the
+    last commit would make uncommitted edits durable: it is recorded in ``early_saves``.
+    """
+
+    records: dict[str, RecordChange] = attrs.Factory(dict)
+    timestamp: int = 0
+    commits: list[Changes] = attrs.Factory(list)
+    attempts: int = 0
+    saves: list[Snapshot] = attrs.Factory(list)
+    early_saves: list[Snapshot] = attrs.Factory(list)
+    fail_next: bool = False
+    _gate: trio.Event | None = None
+
+    async def load(self) -> Snapshot | None:
+        if not self.records and not self.timestamp:
+            return None
+        return Snapshot(self.timestamp,
+                        {key: change.record for key, change in self.records.items()},
+                        {key: change.timestamps for key, change in self.records.items()})
+
+    async def save(self, snapshot: Snapshot) -> None:
+        if snapshot.timestamp > self.timestamp:
+            self.early_saves.append(snapshot)
+        self.saves.append(snapshot)
+        self.records = {key: RecordChange(record, snapshot.timestamps.get(key, {}))
+                        for key, record in snapshot.state.items()}
+        self.timestamp = snapshot.timestamp
+
+    async def commit(self, changes: Changes) -> None:
+        self.attempts += 1
+        if self._gate is not None:
+            await self._gate.wait()
+        if self.fail_next:
+            self.fail_next = False
+            raise StorageError("the disk is full")
+        self.commits.append(changes)
+        self.records.update(changes.records)
+        self.timestamp = changes.timestamp
+
+    def block(self) -> None:
+        self._gate = trio.Event()
+
+    def release(self) -> None:
+        assert self._gate is not None
+        self._gate.set()
+        self._gate = None
+
+    async def wait_attempts(self, n: int) -> None:
+        """Until ``n`` commits have begun."""
+        with trio.fail_after(5):
+            while self.attempts < n:
+                await trio.sleep(0.001)
+
+    def committed_keys(self) -> list[set[str]]:
+        return [set(changes.records) for changes in self.commits]

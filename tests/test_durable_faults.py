@@ -21,84 +21,18 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from canvas_store_trio import (
-    Changes,
     Limits,
     MemoryStorage,
-    RecordChange,
     RoomManager,
-    Snapshot,
     StorageError,
 )
 
 from .conftest import Client, connect, frames_of
+from .storage_helpers import CommandedStorage
 
 NO_PINGS = Limits(ping_interval=None)
 QUIET = 5.0
 """Seconds (virtual) in which a held frame must not arrive; well under ``flush_timeout``."""
-
-
-@attrs.define
-class CommandedStorage:
-    """A room's storage that keeps what was committed, and commits as it is told.
-
-    - :meth:`block`: commits from now on wait until :meth:`release`;
-    - ``fail_next``: the next commit to finish raises :class:`StorageError`.
-
-    ``load`` returns what was committed (and saved). A save of a snapshot newer than the
-    last commit would make uncommitted edits durable: it is recorded in ``early_saves``.
-    """
-
-    records: dict[str, RecordChange] = attrs.Factory(dict)
-    timestamp: int = 0
-    commits: list[Changes] = attrs.Factory(list)
-    attempts: int = 0
-    saves: list[Snapshot] = attrs.Factory(list)
-    early_saves: list[Snapshot] = attrs.Factory(list)
-    fail_next: bool = False
-    _gate: trio.Event | None = None
-
-    async def load(self) -> Snapshot | None:
-        if not self.records and not self.timestamp:
-            return None
-        return Snapshot(self.timestamp,
-                        {key: change.record for key, change in self.records.items()},
-                        {key: change.timestamps for key, change in self.records.items()})
-
-    async def save(self, snapshot: Snapshot) -> None:
-        if snapshot.timestamp > self.timestamp:
-            self.early_saves.append(snapshot)
-        self.saves.append(snapshot)
-        self.records = {key: RecordChange(record, snapshot.timestamps.get(key, {}))
-                        for key, record in snapshot.state.items()}
-        self.timestamp = snapshot.timestamp
-
-    async def commit(self, changes: Changes) -> None:
-        self.attempts += 1
-        if self._gate is not None:
-            await self._gate.wait()
-        if self.fail_next:
-            self.fail_next = False
-            raise StorageError("the disk is full")
-        self.commits.append(changes)
-        self.records.update(changes.records)
-        self.timestamp = changes.timestamp
-
-    def block(self) -> None:
-        self._gate = trio.Event()
-
-    def release(self) -> None:
-        assert self._gate is not None
-        self._gate.set()
-        self._gate = None
-
-    async def wait_attempts(self, n: int) -> None:
-        """Until ``n`` commits have begun."""
-        with trio.fail_after(5):
-            while self.attempts < n:
-                await trio.sleep(0.001)
-
-    def committed_keys(self) -> list[set[str]]:
-        return [set(changes.records) for changes in self.commits]
 
 
 @asynccontextmanager

@@ -180,6 +180,15 @@ def readme_python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
 
+@pytest.mark.parametrize("index", range(1, len(readme_python_blocks())))
+def test_every_other_readme_snippet_runs_as_written(tmp_path: Path, index: int) -> None:
+    """The first snippet is a server, run by the Ctrl-C test below; the others end."""
+    (tmp_path / "snippet.py").write_text(readme_python_blocks()[index])
+    done = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def start_server(argv: list[str], cwd: Path, port: int) -> subprocess.Popen[str]:
     process = subprocess.Popen(
         argv,
@@ -205,6 +214,9 @@ def start_server(argv: list[str], cwd: Path, port: int) -> subprocess.Popen[str]
 SERVERS = {
     "examples/server.py": lambda tmp: [sys.executable, str(ROOT / "examples" / "server.py")],
     "examples/embed.py": lambda tmp: [sys.executable, str(ROOT / "examples" / "embed.py")],
+    "examples/server_edits.py": lambda tmp: [
+        sys.executable, str(ROOT / "examples" / "server_edits.py")
+    ],
     "README snippet": lambda tmp: [sys.executable, str(tmp / "snippet.py")],
     "serve": lambda tmp: [*CLI, "serve", "--data-dir", "data"],
 }

@@ -13,7 +13,7 @@ import trio
 
 from ..transport._handshake import AcceptedSocket, HandshakeRequest
 from ._manager import ManagerClosedError, RoomLoadError, RoomManager, TooManyRoomsError
-from ._room import Room, RoomFullError
+from ._room import SERVER_CLIENT_ID, Room, RoomFullError
 from ._session import (
     AuthorizeResult,
     AuthorizeResultError,
@@ -61,8 +61,8 @@ def parse_connect_url(url: str, *, default_room_id: str = "default") -> ConnectR
     """Read ``roomId``, ``clientId`` and ``token`` from a connect URL or path.
 
     A missing ``roomId`` means ``default_room_id``; a missing ``token`` is ``""``.
-    Raises :class:`ConnectRequestError` for a missing ``clientId`` or an id that is
-    too long.
+    Raises :class:`ConnectRequestError` for a missing ``clientId``, an id that is
+    too long, or the server's own client id.
     """
     query = parse_qs(urlsplit(url).query, keep_blank_values=True)
 
@@ -74,6 +74,11 @@ def parse_connect_url(url: str, *, default_room_id: str = "default") -> ConnectR
     client_id = first("clientId")
     if not client_id:
         raise ConnectRequestError("Missing clientId query parameter", "missing-client-id")
+    if client_id == SERVER_CLIENT_ID:
+        raise ConnectRequestError(
+            f"clientId {SERVER_CLIENT_ID!r} is reserved for the server's own edits",
+            "invalid-id",
+        )
     for name, value in (("roomId", room_id), ("clientId", client_id)):
         if len(value) > MAX_ID_LENGTH or "\x00" in value:
             raise ConnectRequestError(

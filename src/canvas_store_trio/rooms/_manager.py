@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import Any
 
@@ -130,6 +130,22 @@ class RoomManager:
             # Loaded but closing: wait for it to end (then start afresh) or, if its
             # closing save fails and it stays open, to take sessions again.
             await room.wait_accepting_or_closed()
+
+    @asynccontextmanager
+    async def open_room(self, room_id: str) -> AsyncIterator[Room]:
+        """``async with manager.open_room(room_id) as room:`` the room, loaded, held open.
+
+        Loads the room if need be, with or without clients, and keeps it from
+        idle-closing while the block runs (see :meth:`Room.hold`): the place for
+        :meth:`Room.apply_patch` and :meth:`Room.subscribe`. Raises like
+        :meth:`get_or_create_room`. Leaving the block lets the room idle-close once it
+        has no sessions either; the room may still close meanwhile (``close_room``,
+        shutdown, a failed commit), after which its methods raise
+        :class:`RoomClosedError`.
+        """
+        room = await self.get_or_create_room(room_id)
+        with room.hold():  # it takes sessions: get_or_create_room has just made sure
+            yield room
 
     def _start_room(self, room_id: str) -> Room:
         if len(self._rooms) >= self.limits.max_rooms:

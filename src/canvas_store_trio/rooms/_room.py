@@ -16,7 +16,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, cast
 
 import orjson
@@ -43,6 +44,7 @@ from .._protocol import (
 from ..storage._base import JournalStorage, Storage
 from ..transport._handshake import MessageSocket
 from ._commits import CommitError, Committer
+from ._feed import Change, ChangeFeed
 from ._keepalive import keep_alive
 from ._saver import Saver
 from ._session import (
@@ -63,6 +65,13 @@ logger = logging.getLogger("canvas_store_trio")
 
 CLOSE_TIMEOUT = 5.0
 """Seconds a session's clean-up may spend draining its outbox and closing its socket."""
+
+SERVER_CLIENT_ID = "@server"
+"""The client id that server-side edits (:meth:`Room.apply_patch`) are broadcast under,
+and that holds the server's presence. No session may use it."""
+
+CHANGE_FEED_BUFFER = 1000
+"""The default ``max_buffer`` of :meth:`Room.subscribe`."""
 
 
 class RoomClosedError(Exception):
@@ -142,6 +151,11 @@ class Room:
         """Set while the room accepts sessions, and once it has closed: what a join
         waits for while the room loads or closes (see :meth:`wait_accepting_or_closed`)."""
         self._idle_scope = trio.CancelScope()
+        self._holds = 0
+        """Open :meth:`hold` blocks: while any runs, the room does not idle-close."""
+        self._feeds: list[ChangeFeed] = []
+        self._uncommitted_changes: list[Change] = []
+        """With durable acks: changes applied but not committed, for the feeds."""
         self._close_requested = trio.Event()
         self._ready = trio.Event()
         self._closed = trio.Event()
@@ -224,6 +238,8 @@ class Room:
                 if committed:
                     await self.saver.flush_quietly()
             self.saver.forget_error_traceback()
+            for feed in self._feeds:
+                feed.end()
             self._closed.set()
             self._settled.set()
             if on_closed:
@@ -286,10 +302,13 @@ class Room:
 
     def _on_committed(self) -> None:
         self._flush()
+        if self._uncommitted_changes:
+            self._release_changes()
         self.saver.mark_unsaved()  # a snapshot save folds the journal in
 
     def _on_commit_failed(self, error: BaseException) -> None:
         self.saver.discard()
+        self._uncommitted_changes.clear()  # nobody hears of them: their senders resend
         self._stop_accepting(1013, "could not save; try again")
         self._close_requested.set()
 
@@ -299,7 +318,7 @@ class Room:
                 self._reset_idle_deadline()
                 await self._close_requested.wait()
                 return
-            if self._sessions:
+            if self._sessions or self._holds:
                 continue  # someone joined as the timer ran out
             # The room closes: from now on a join waits for it to end, then gets a fresh
             # room that loads what this one saved. Joining this one would be undone by
@@ -322,7 +341,7 @@ class Room:
             self._set_accepting(True)
 
     def _reset_idle_deadline(self) -> None:
-        if self._sessions:
+        if self._sessions or self._holds:
             self._idle_scope.deadline = math.inf
         else:
             self._idle_scope.deadline = trio.current_time() + self._idle_timeout
@@ -378,13 +397,16 @@ class Room:
         """Run one session on an open socket until either side closes it.
 
         The session joins before this first awaits, or :class:`RoomClosedError` /
-        :class:`RoomFullError` is raised and nothing is sent. ``refresh`` checks the
+        :class:`RoomFullError` is raised and nothing is sent (ValueError for the
+        reserved client id :data:`SERVER_CLIENT_ID`). ``refresh`` checks the
         token of an ``auth-refresh`` frame (the room's ``on_token_refresh`` otherwise).
 
         On return or cancellation the session has left the room, and the socket has
         been closed (1001 on cancellation): after a normal end the queued frames are sent
         first, all within ``CLOSE_TIMEOUT`` seconds, shielded from cancellation.
         """
+        if client_id == SERVER_CLIENT_ID:
+            raise ValueError(f"the client id {SERVER_CLIENT_ID!r} is the server's own")
         session = Session(
             socket,
             client_id,
@@ -462,7 +484,9 @@ class Room:
             return
         deletion = self.ephemeral.remove(session.client_id)
         if deletion:
-            self._broadcast_presence(presence_frame(session.client_id, deletion), session)
+            self._broadcast_presence(
+                presence_frame(session.client_id, deletion), session, session.client_id
+            )
         self._broadcast(client_count_frame(len(self._sessions)))
         self._flush()
         self._reset_idle_deadline()
@@ -480,26 +504,28 @@ class Room:
             if session is not exclude:
                 session.send(frame)
 
-    def _broadcast_edit(self, frame: bytes, sender: Session, *, with_presence: bool) -> None:
-        """Broadcast a frame with document patches: once they are durable, if need be."""
+    def _broadcast_edit(
+        self, frame: bytes, sender: Session | None, *, presence_of: str | None
+    ) -> None:
+        """Broadcast a frame with document patches (and ``presence_of``'s presence, if
+        it carries some) to all but the sender: once they are durable, if need be."""
         committer = self.committer
         if committer is None:
             self._broadcast(frame, exclude=sender)
             return
-        presence_of = sender.client_id if with_presence else None
         for session in list(self._sessions.values()):
             if session is not sender:
                 committer.send(session, frame, presence_of=presence_of)
 
-    def _broadcast_presence(self, frame: bytes, sender: Session) -> None:
-        """Broadcast a frame of the sender's presence alone (behind its held edits)."""
+    def _broadcast_presence(self, frame: bytes, sender: Session | None, client_id: str) -> None:
+        """Broadcast a frame of ``client_id``'s presence alone (behind its held edits)."""
         committer = self.committer
         if committer is None:
             self._broadcast(frame, exclude=sender)
             return
         for session in list(self._sessions.values()):
             if session is not sender:
-                committer.send_presence(session, frame, sender.client_id)
+                committer.send_presence(session, frame, client_id)
 
     def _send_edit(self, session: Session, frame: bytes) -> None:
         """Send a frame that tells of edits (an ack, a diff): once they are durable."""
@@ -507,6 +533,84 @@ class Room:
             session.send(frame)
         else:
             self.committer.send(session, frame)
+
+    # --- the server's own edits and the change feed ------------------------------------
+
+    @contextmanager
+    def hold(self) -> Iterator[Room]:
+        """Keep the room open while the block runs, as a session would: it does not
+        idle-close meanwhile (``close_room`` and shutdown still close it).
+
+        Raises :class:`RoomClosedError` if the room does not take sessions now.
+        ``RoomManager.open_room`` finds the room and holds it in one step.
+        """
+        if not self._accepting:
+            raise RoomClosedError(self.room_id)
+        self._holds += 1
+        self._reset_idle_deadline()
+        try:
+            yield self
+        finally:
+            self._holds -= 1
+            self._reset_idle_deadline()
+
+    async def apply_patch(self, patch: Patch, *, ephemeral: Patch | None = None) -> int:
+        """Edit the document from the server: apply ``patch`` as a client's would be.
+
+        ``patch`` is one ``documentPatches`` entry in the wire format (key -> fields,
+        with ``_exists`` and buffer deltas), and ``ephemeral`` one ``ephemeralPatches``
+        entry, the server's presence. They are checked as a client frame is, with the
+        room's limits: :class:`~canvas_store_trio.ProtocolError` (the same codes a client
+        gets) means nothing was applied. Otherwise the edit is applied under one new
+        timestamp, broadcast to every session under :data:`SERVER_CLIENT_ID`, handed to
+        the change feeds, and saved like any edit; with durable acks this returns once
+        it is committed. Returns the room timestamp the edit has (the current one if the
+        patch holds no entry).
+
+        Raises :class:`RoomClosedError` if the room takes no sessions now (closed, or
+        closing: get a fresh one), and :class:`~._commits.CommitError` if the commit
+        fails (the room then closes with 1013, and the edit is gone, as an unacked
+        client edit would be). Cancelled while it waits for the commit, the edit stays
+        applied and is committed all the same.
+        """
+        if not self._accepting:
+            raise RoomClosedError(self.room_id)
+        message = _server_edit(patch, ephemeral, self.limits)
+        try:
+            changed = self._apply(
+                None, SERVER_CLIENT_ID, message.document_patches, message.ephemeral_patches
+            )
+        finally:
+            self._flush()
+        timestamp = self.document.timestamp
+        if changed and self.committer is not None:
+            await self.committer.commit_through(timestamp)
+        else:
+            await trio.lowlevel.checkpoint()
+        return timestamp
+
+    @asynccontextmanager
+    async def subscribe(self, *, max_buffer: int = CHANGE_FEED_BUFFER) -> AsyncIterator[ChangeFeed]:
+        """Follow the room's document edits: ``async with room.subscribe() as changes:``.
+
+        ``async for change in changes`` yields one :class:`Change` per accepted edit
+        from now on, from clients and :meth:`apply_patch` alike, in timestamp order
+        (with durable acks, once it is committed). The room never waits for a reader:
+        one that lets more than ``max_buffer`` changes pile up gets
+        :class:`ChangeFeedOverflow` at its next read. The iteration ends when the room
+        closes; leaving the block ends the subscription. Raises
+        :class:`RoomClosedError` if the room takes no sessions now.
+        """
+        if not self._accepting:
+            raise RoomClosedError(self.room_id)
+        since = self.committer.committed if self.committer else self.document.timestamp
+        feed = ChangeFeed(max_buffer, since)
+        self._feeds.append(feed)
+        try:
+            yield feed
+        finally:
+            self._feeds.remove(feed)
+            feed.end()
 
     # --- frames --------------------------------------------------------------------
 
@@ -570,7 +674,10 @@ class Room:
         if session.permissions == "readwrite":
             try:
                 changed = self._apply(
-                    session, message.document_patches, message.ephemeral_patches
+                    session,
+                    session.client_id,
+                    message.document_patches,
+                    message.ephemeral_patches,
                 )
             except ProtocolError as exc:
                 exc.message_id = message.message_id
@@ -591,7 +698,9 @@ class Room:
         document = self.document
         since = document.timestamp
         if session.permissions == "readwrite":
-            self._apply(session, message.document_patches, message.ephemeral_patches)
+            self._apply(
+                session, session.client_id, message.document_patches, message.ephemeral_patches
+            )
             if message.last_timestamp > since:
                 self._send_edit(session, resync_frame(since))
         # With durable acks the diff may hold edits not yet committed: it waits for them.
@@ -611,16 +720,18 @@ class Room:
 
     def _apply(
         self,
-        session: Session,
+        sender: Session | None,
+        client_id: str,
         document_patches: Sequence[Patch],
         ephemeral_patches: Sequence[Patch],
     ) -> bool:
         """Apply a frame's patches and broadcast them; True if the document changed.
 
-        Raise ProtocolError, before anything changes, if the frame would take the client
-        over its presence key limit or its broadcast cannot be encoded.
+        ``sender`` is the session that sent them (None for a server-side edit), and
+        ``client_id`` the id they are broadcast under. Raise ProtocolError, before
+        anything changes, if the frame would take the client over its presence key limit
+        or its broadcast cannot be encoded.
         """
-        client_id = session.client_id
         if ephemeral_patches:
             self._check_presence_limit(client_id, ephemeral_patches)
         will_change = has_content(document_patches)
@@ -643,17 +754,46 @@ class Room:
             self.ephemeral.apply(client_id, ephemeral_patches)
         if frame is not None:
             if will_change:
-                self._broadcast_edit(frame, session, with_presence=bool(ephemeral_patches))
+                presence_of = client_id if ephemeral_patches else None
+                self._broadcast_edit(frame, sender, presence_of=presence_of)
             else:
-                self._broadcast_presence(frame, session)
+                self._broadcast_presence(frame, sender, client_id)
         if will_change:
             if self.committer is None:
                 self.saver.mark_unsaved()
             else:
                 self.committer.wanted()
+            if self._feeds:
+                self._publish(
+                    Change(
+                        self.document.timestamp,
+                        document_patches,
+                        sender.session_id if sender else None,
+                        sender.client_id if sender else None,
+                    )
+                )
             if self._on_document_patch:
                 self._on_document_patch(self, document_patches)
         return will_change
+
+    def _publish(self, change: Change) -> None:
+        """Hand a change to the feeds: now, or with durable acks once it is committed."""
+        if self.committer is None:
+            for feed in self._feeds:
+                feed.push(change)
+        else:
+            self._uncommitted_changes.append(change)
+
+    def _release_changes(self) -> None:
+        assert self.committer is not None
+        committed = self.committer.committed
+        pending = self._uncommitted_changes
+        released = 0
+        while released < len(pending) and pending[released].timestamp <= committed:
+            for feed in self._feeds:
+                feed.push(pending[released])
+            released += 1
+        del pending[:released]
 
     def _check_presence_limit(self, client_id: str, patches: Sequence[Patch]) -> None:
         limit = self.limits.max_ephemeral_keys
@@ -697,7 +837,26 @@ class Room:
                 session.metadata = result.metadata
 
 
+def _server_edit(patch: Patch, ephemeral: Patch | None, limits: Limits) -> PatchMessage:
+    """Check a server-side edit exactly as the client frame holding it would be."""
+    frame: dict[str, Any] = {"type": "patch", "documentPatches": [patch]}
+    if ephemeral is not None:
+        frame["ephemeralPatches"] = [ephemeral]
+    try:
+        data = orjson.dumps(frame)
+    except orjson.JSONEncodeError as exc:
+        raise ProtocolError("invalid-component", f"the patch is not JSON: {exc}") from None
+    if len(data) > limits.max_message_size:
+        raise ProtocolError(
+            "too-large", f"a frame may hold at most {limits.max_message_size} bytes"
+        )
+    # Parsed back, the patches are the room's own copies: the caller's stay its own.
+    return cast(PatchMessage, parse_client_frame(data.decode(), limits))
+
+
 __all__ = [
+    "CHANGE_FEED_BUFFER",
+    "SERVER_CLIENT_ID",
     "AuthorizeResult",
     "MessageSocket",
     "Room",
