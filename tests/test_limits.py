@@ -408,6 +408,7 @@ async def test_a_reader_that_stops_reading_is_closed_at_outbox_max_bytes(
         assert (slow_session.close_code, slow_session.close_reason) == (
             1008, "too slow: outbox full")
         assert sorted(s.client_id for s in room.get_sessions()) == ["o", "w"]
+        assert manager.stats.slow_client_closes == 1  # canvas_store_slow_client_closes_total
 
 
 async def test_one_frame_bigger_than_the_outbox_is_still_sent(autojump_clock: Any) -> None:
@@ -756,7 +757,8 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "canvas_store_trio"
 
 
 def documented_limits() -> dict[str, str]:
-    rows = re.findall(r"^\| `(\w+)` \| ([^|]+) \| ([^|]+) \|$", README.read_text(), re.M)
+    section = README.read_text().split("\n## Limits\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| ([^|]+) \| ([^|]+) \|$", section, re.M)
     return {name: default.strip() for name, default, _ in rows}
 
 
@@ -780,7 +782,7 @@ def test_the_documented_defaults_are_the_defaults() -> None:
 
 def test_every_error_code_the_server_sends_is_documented() -> None:
     codes = set()
-    for path in SRC.glob("*.py"):
+    for path in SRC.rglob("*.py"):
         codes |= set(re.findall(r'ProtocolError\(\s*"([a-z-]+)"', path.read_text()))
     assert {"invalid-json", "too-many-keys"} <= codes
     documented = README.read_text().split("Error codes in `error` frames:")[1].split("\n\n")[0]

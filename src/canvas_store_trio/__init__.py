@@ -63,6 +63,7 @@ from .storage._transfer import import_directory as import_directory
 from .storage._transfer import import_file as import_file
 from .storage._transfer import import_room as import_room
 from .transport._handshake import HandshakeRequest as HandshakeRequest
+from .transport._listener import serve_http as serve_http
 from .transport._listener import serve_websocket_stream as serve_websocket_stream
 from .transport._listener import serve_websockets as serve_websockets
 

@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import attrs
@@ -18,14 +18,15 @@ import trio
 from .. import __version__
 from .._document import SnapshotError
 from .._protocol import Limits
+from ..ops import metrics_registry, ops_http_handler, watch_loop_lag
 from ..rooms._connection import Authorize, serve_connection
 from ..rooms._manager import RoomManager
 from ..storage._backends import FileBackend, MemoryBackend, StorageBackend, open_storage_backend
 from ..storage._base import StorageError
 from ..storage._transfer import TransferError, add_transfer_commands, run_transfer_command
 from ..transport._handshake import HandshakeRequest
-from ..transport._http import HttpHandler, default_http_handler
-from ..transport._listener import TRANSPORTS, serve_websockets
+from ..transport._http import HttpHandler, HttpRequest, HttpResponse, default_http_handler
+from ..transport._listener import TRANSPORTS, serve_http, serve_websockets
 from ._demo_page import DemoNotBuiltError, demo_http_handler, page_url
 
 logger = logging.getLogger("canvas_store_trio")
@@ -99,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--demo",
         action="store_true",
         help="also serve a demo page (a shared sticky-note board) at http://HOST:PORT/",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=port_number,
+        default=None,
+        metavar="PORT",
+        help="serve /metrics on this port of --host instead of the serving port "
+        "(/healthz and /readyz answer on both)",
     )
     serve.add_argument(
         "--transport",
@@ -264,22 +273,37 @@ async def serve(
             async def handler(request: HandshakeRequest) -> None:
                 await serve_connection(manager, request, authorize=authorize)
 
-            try:
-                listeners = await nursery.start(
-                    functools.partial(
-                        serve_websockets,
-                        handler,
-                        args.host,
-                        port,
-                        max_message_size=limits.max_message_size,
-                        transport=args.transport,
-                        http_handler=http_handler,
-                    )
+            registry = metrics_registry(manager)
+            nursery.start_soon(watch_loop_lag, manager.stats)
+            own_port = args.metrics_port is not None
+            serving = ops_http_handler(
+                manager, metrics=None if own_port else registry, fallback=http_handler
+            )
+            listeners = await _listen(
+                nursery,
+                args.host,
+                port,
+                functools.partial(
+                    serve_websockets,
+                    handler,
+                    max_message_size=limits.max_message_size,
+                    transport=args.transport,
+                    http_handler=serving,
+                ),
+            )
+            if own_port:
+                metrics_only = ops_http_handler(manager, metrics=registry, fallback=_not_found)
+                metrics_at = await _listen(
+                    nursery,
+                    args.host,
+                    args.metrics_port,
+                    functools.partial(serve_http, metrics_only),
                 )
-            except OSError as exc:
-                raise UsageError(
-                    f"cannot listen on {args.host}:{port}: {exc.strerror or exc}"
-                ) from None
+                logger.info(
+                    "Metrics on http://%s:%d/metrics",
+                    args.host,
+                    metrics_at[0].socket.getsockname()[1],
+                )
             port = listeners[0].socket.getsockname()[1]
             url = f"ws://{args.host}:{port}"
             where = f"{backend}, " + ("acks once durable" if durable else "acks once in memory")
@@ -300,6 +324,25 @@ async def serve(
     if failed:
         raise SystemExit(1)
     logger.info("all rooms saved; bye")
+
+
+async def _listen(
+    nursery: trio.Nursery,
+    host: str,
+    port: int,
+    serve_on: Callable[..., Awaitable[None]],
+) -> list[trio.SocketListener]:
+    """Start ``serve_on(host, port)`` in ``nursery``; an address that cannot be
+    listened on is a :class:`UsageError`."""
+    try:
+        listeners: list[trio.SocketListener] = await nursery.start(serve_on, host, port)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return listeners
+
+
+def _not_found(request: HttpRequest) -> HttpResponse:
+    return 404, "text/plain; charset=utf-8", b"Not found: this port serves /metrics.\n"
 
 
 def _only_error(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:

@@ -20,6 +20,7 @@ import trio
 from .._document import Changes, Document
 from ..storage._base import CommitGroup, JournalStorage
 from ._session import Session
+from ._stats import Stats
 
 logger = logging.getLogger("canvas_store_trio")
 
@@ -62,8 +63,10 @@ class Committer:
         timeout: float,
         on_committed: Callable[[], None],
         on_failed: Callable[[BaseException], None],
+        stats: Stats | None = None,
     ) -> None:
         self.room_id = room_id
+        self.stats = stats or Stats()
         self.storage = storage
         self.document = document
         self.timeout = timeout
@@ -275,6 +278,7 @@ class _CommitDriver:
         commits = [(c.storage, c._begin()) for c in batch]
         timeout = min(c.timeout for c in batch)
         errors: list[Exception | None]
+        started = trio.current_time()
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + timeout
             try:
@@ -283,6 +287,9 @@ class _CommitDriver:
                 errors = [exc] * len(batch)
         if scope.cancelled_caught:
             errors = [TimeoutError(f"a commit took over {timeout:g} s")] * len(batch)
+        elapsed = trio.current_time() - started
+        for stats in {id(c.stats): c.stats for c in batch}.values():  # once per manager
+            stats.commit_seconds.observe(elapsed)
         for committer, (_, changes), error in zip(batch, commits, errors, strict=True):
             try:
                 committer._end(changes, error)

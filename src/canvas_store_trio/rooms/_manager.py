@@ -21,6 +21,7 @@ from ._room import (
     TokenRefreshHook,
 )
 from ._session import Permissions, SessionInfo, TokenRefresh
+from ._stats import Stats
 
 logger = logging.getLogger("canvas_store_trio")
 
@@ -82,6 +83,8 @@ class RoomManager:
         self.on_document_patch = on_document_patch
         self.on_token_refresh = on_token_refresh
         self.limits = limits or Limits()
+        self.stats = Stats()
+        """What the rooms have done: the counters ``/metrics`` shows."""
         self._rooms: dict[str, Room] = {}
         self._nursery: trio.Nursery | None = None
         self._exit_stack = AsyncExitStack()
@@ -100,6 +103,15 @@ class RoomManager:
         with trio.CancelScope(shield=True):
             await self.close_all()
         return await self._exit_stack.__aexit__(exc_type, exc, tb)
+
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`close_all` has begun: no room opens any more (``/readyz``)."""
+        return self._closing
+
+    def session_count(self) -> int:
+        """Sessions in every open room."""
+        return sum(room.session_count() for room in self._rooms.values())
 
     def room_ids(self) -> list[str]:
         """The ids of the rooms open now (loading and closing ones included)."""
@@ -162,6 +174,7 @@ class RoomManager:
             on_session_removed=self.on_session_removed,
             on_document_patch=self.on_document_patch,
             on_token_refresh=self.on_token_refresh,
+            stats=self.stats,
         )
         self._rooms[room_id] = room
         assert self._nursery is not None

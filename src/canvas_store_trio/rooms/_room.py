@@ -60,6 +60,7 @@ from ._session import (
     close_reason,
     implements,
 )
+from ._stats import Stats
 
 logger = logging.getLogger("canvas_store_trio")
 
@@ -118,9 +119,12 @@ class Room:
         on_session_removed: SessionRemovedHook | None = None,
         on_document_patch: DocumentPatchHook | None = None,
         on_token_refresh: TokenRefreshHook | None = None,
+        stats: Stats | None = None,
     ) -> None:
         self.room_id = room_id
         self.limits = limits or Limits()
+        self.stats = stats or Stats()
+        """Counters for ``/metrics``: the manager's, shared by all its rooms."""
         if durable_acks and not implements(storage, JournalStorage):
             raise TypeError(
                 f"durable acks need a storage with commit() (a JournalStorage), not {storage!r}"
@@ -131,6 +135,7 @@ class Room:
             save_throttle=save_throttle,
             flush_timeout=flush_timeout,
             durable=durable_acks,
+            stats=self.stats,
         )
         self.committer: Committer | None = None
         """Set once the room has loaded, with durable acks on."""
@@ -208,6 +213,7 @@ class Room:
                 timeout=self.saver.flush_timeout,
                 on_committed=self._on_committed,
                 on_failed=self._on_commit_failed,
+                stats=self.stats,
             )
             self.saver.commit_gate = self.committer.commit_through
         self._set_accepting(True)
@@ -414,6 +420,7 @@ class Room:
             metadata,
             outbox_max_bytes=self.limits.outbox_max_bytes,
             pending=self._unflushed,
+            stats=self.stats,
             refresh=refresh,
         )
         self._add_session(session)
@@ -638,16 +645,21 @@ class Room:
                 self._remove_session(session)
                 return
             message = parse_client_frame(data, limits)
+            stats = self.stats
             if type(message) is PatchMessage:
+                stats.patch_frames += 1
                 self._on_patch(session, message)
             elif type(message) is ReconnectMessage:
+                stats.reconnect_frames += 1
                 self._on_reconnect(session, message)
             elif type(message) is AuthRefreshMessage:
+                stats.auth_refresh_frames += 1
                 self._on_auth_refresh(session, message)
         except ProtocolError as exc:
             self._refuse(session, exc)
 
     def _refuse(self, session: Session, error: ProtocolError) -> None:
+        self.stats.refused(error.code)
         logger.warning(
             "room %r: refused a frame from client %r: %s (%s)",
             self.room_id,
@@ -759,6 +771,7 @@ class Room:
             else:
                 self._broadcast_presence(frame, sender, client_id)
         if will_change:
+            self.stats.edits += 1
             if self.committer is None:
                 self.saver.mark_unsaved()
             else:

@@ -23,6 +23,7 @@ import trio
 from .._document import Document
 from ..storage._base import IncrementalStorage, Storage, StreamingStorage
 from ._session import implements
+from ._stats import Stats
 
 logger = logging.getLogger("canvas_store_trio")
 
@@ -43,8 +44,10 @@ class Saver:
         save_throttle: float,
         flush_timeout: float,
         durable: bool = False,
+        stats: Stats | None = None,
     ) -> None:
         self.room_id = room_id
+        self.stats = stats or Stats()
         self.durable = durable
         self.commit_gate: Callable[[int], Awaitable[None]] | None = None
         """With durable acks, the room's ``commit_through(timestamp)``: a snapshot save
@@ -129,6 +132,7 @@ class Saver:
             incremental = None if self.durable else self._incremental
             document = self.document
             changes = document.take_changes() if incremental is not None else None
+            started = trio.current_time()
             try:
                 with trio.move_on_after(self.flush_timeout) as scope:
                     if incremental is not None and changes is not None:
@@ -146,10 +150,12 @@ class Saver:
                 self._unsaved.set()
                 if not isinstance(exc, Exception):
                     raise
+                self.stats.save_failures += 1
                 # Kept without its traceback: its frames hold this saver (a cycle) and
                 # the snapshot being saved.
                 self.error = exc.with_traceback(None)
                 return False
+            self.stats.save_seconds.observe(trio.current_time() - started)
             self.error = None
             return True
 

@@ -13,6 +13,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from ..transport._handshake import MessageSocket
+from ._stats import Stats
 
 Permissions = Literal["readwrite", "readonly"]
 
@@ -155,6 +156,7 @@ class Session:
         *,
         outbox_max_bytes: int,
         pending: list[Session],
+        stats: Stats,
         refresh: TokenRefresh | None = None,
     ) -> None:
         self.session_id = str(uuid.uuid4())
@@ -167,6 +169,7 @@ class Session:
         self.outbox_bytes = 0
         self.outbox_max_bytes = outbox_max_bytes
         self._pending = pending
+        self._stats = stats
         self._flush_queued = False
         self._raw = cast(RawWriter, socket) if implements(socket, RawWriter) else None
         self._outbox_ready = trio.Event()
@@ -197,11 +200,14 @@ class Session:
             backlog = self.outbox_bytes + (self._raw.unsent_bytes if self._raw else 0)
             if backlog >= self.outbox_max_bytes:
                 self.close(1008, "too slow: outbox full")
+                self._stats.slow_client_closes += 1
                 return
             self._flush_queued = True
             self._pending.append(self)
         self.outbox.append(frame)
-        self.outbox_bytes += len(frame)
+        size = len(frame)
+        self.outbox_bytes += size
+        self._stats.bytes_sent += size
 
     def _take_outbox(self) -> list[bytes]:
         frames, self.outbox = self.outbox, []

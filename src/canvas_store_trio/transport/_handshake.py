@@ -238,6 +238,21 @@ async def serve_wire_stream(
         await trio.aclose_forcefully(stream)
 
 
+async def serve_http_stream(stream: trio.abc.Stream, http_handler: HttpHandler) -> None:
+    """Serve one TCP connection of a plain HTTP port (``--metrics-port``): GET and HEAD
+    get ``http_handler``'s answer, a WebSocket upgrade a 404. Never raises except
+    Cancelled; the stream is closed when this returns."""
+    try:
+        if await read_upgrade(stream, http_handler) is not None:
+            await answer(stream, http_response(404, _TEXT, b"No WebSockets on this port.\n"))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    except Exception as exc:
+        logger.warning("an HTTP connection failed and was closed: %r", exc)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
 def _plain_answer(request: HttpRequest, http_handler: HttpHandler) -> bytes:
     """The answer to a request that is not an upgrade."""
     if request.method not in ("GET", "HEAD"):

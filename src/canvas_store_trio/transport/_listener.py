@@ -26,6 +26,7 @@ from ._handshake import (
     HandshakeRequest,
     handshake_request,
     read_upgrade,
+    serve_http_stream,
     serve_wire_stream,
 )
 from ._http import HttpHandler, default_http_handler
@@ -160,6 +161,21 @@ async def serve_websocket_stream(
         logger.warning("a connection failed and was closed: %r", exc)
     finally:
         await trio.aclose_forcefully(stream)
+
+
+async def serve_http(
+    http_handler: HttpHandler,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on ``host:port`` for plain HTTP only (GET and HEAD, ``http_handler``'s
+    answers) until cancelled; ``task_status.started`` gets the listeners."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners)
+    await trio.serve_listeners(functools.partial(serve_http_stream, http_handler=http_handler),
+                               listeners)
 
 
 async def serve_websockets(
