@@ -196,12 +196,16 @@ async def test_health_answers_and_falls_through_to_the_wrapped_handler() -> None
     async with RoomManager(limits=NO_PINGS) as manager:
         handle = ops_http_handler(manager, metrics=None,
                                   fallback=lambda request: (200, "text/plain", b"page"))
-        assert handle(HttpRequest("GET", "/healthz?x=1", {})) == (
-            200, "text/plain; charset=utf-8", b"ok\n")
-        assert handle(HttpRequest("GET", "/metrics", {}))[2] == b"page"
-        assert handle(HttpRequest("GET", "/readyz", {}))[0] == 200
+        async def answer(path: str, method: str = "GET") -> Any:
+            return await handle(HttpRequest(method, path, {}))  # type: ignore[misc]
+
+        assert await answer("/healthz?x=1") == (200, "text/plain; charset=utf-8", b"ok\n")
+        assert (await answer("/metrics"))[2] == b"page"
+        assert (await answer("/readyz"))[0] == 200
+        assert (await answer("/readyz", "POST"))[0] == 405
+        assert (await answer("/admin/rooms"))[0] == 404  # no token, no admin API
         await manager.close_all()
-        assert handle(HttpRequest("GET", "/readyz", {}))[0] == 503
+        assert (await answer("/readyz"))[0] == 503
 
 
 def test_metrics_are_named_as_the_issue_says(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import attrs
 import trio
 
-from ..transport._http import HttpHandler, HttpRequest, HttpResponse
+from ..transport._http import HttpHandler, HttpRequest, HttpResponse, not_get_or_head
 
 __all__ = [
     "DemoNotBuiltError",
@@ -101,7 +101,7 @@ def demo_http_handler(
     assets = load_demo_assets(folder)
 
     def answer(request: HttpRequest) -> HttpResponse:
-        return _answer(request.path, assets)
+        return not_get_or_head(request) or _answer(request.path, assets)
 
     return answer
 

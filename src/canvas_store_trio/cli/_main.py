@@ -18,7 +18,7 @@ import trio
 from .. import __version__
 from .._document import SnapshotError
 from .._protocol import Limits
-from ..ops import metrics_registry, ops_http_handler, watch_loop_lag
+from ..ops import ADMIN_TOKEN_ENV, metrics_registry, ops_http_handler, watch_loop_lag
 from ..rooms._connection import Authorize, serve_connection
 from ..rooms._manager import RoomManager
 from ..storage._backends import FileBackend, MemoryBackend, StorageBackend, open_storage_backend
@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--demo",
         action="store_true",
         help="also serve a demo page (a shared sticky-note board) at http://HOST:PORT/",
+    )
+    serve.add_argument(
+        "--admin-token",
+        metavar="TOKEN",
+        default=None,
+        help=f"enable the JSON admin API under /admin/ for requests with "
+        f"'Authorization: Bearer TOKEN' (also ${ADMIN_TOKEN_ENV}); off without it",
     )
     serve.add_argument(
         "--metrics-port",
@@ -277,7 +284,10 @@ async def serve(
             nursery.start_soon(watch_loop_lag, manager.stats)
             own_port = args.metrics_port is not None
             serving = ops_http_handler(
-                manager, metrics=None if own_port else registry, fallback=http_handler
+                manager,
+                metrics=None if own_port else registry,
+                admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None,
+                fallback=http_handler,
             )
             listeners = await _listen(
                 nursery,

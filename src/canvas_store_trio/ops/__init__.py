@@ -1,5 +1,7 @@
-"""Running it in production: Prometheus metrics, health and readiness endpoints."""
+"""Running it in production: Prometheus metrics, health and readiness, the admin API."""
 
+from ._admin import ADMIN_TOKEN_ENV as ADMIN_TOKEN_ENV
+from ._admin import AdminAPI as AdminAPI
 from ._metrics import ManagerCollector as ManagerCollector
 from ._metrics import metrics_registry as metrics_registry
 from ._metrics import metrics_text as metrics_text

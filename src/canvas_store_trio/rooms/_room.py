@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, cast
 
@@ -24,7 +24,7 @@ import orjson
 import trio
 from trio_websocket import ConnectionClosed
 
-from .._document import EphemeralState, Patch, Snapshot, has_content
+from .._document import TOMBSTONE, EphemeralState, Patch, Record, Snapshot, has_content
 from .._protocol import (
     AuthRefreshMessage,
     Limits,
@@ -381,6 +381,18 @@ class Room:
         if session:
             session.permissions = permissions
 
+    def close_session(
+        self, session_id: str, code: int = 1008, reason: str = "closed by an administrator"
+    ) -> bool:
+        """Close one session now (its client may reconnect, and its token is checked
+        again then). False if there is no such session."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return False
+        session.close(code, reason)
+        self._remove_session(session)
+        return True
+
     def get_session_metadata(self, session_id: str) -> Any:
         session = self._sessions.get(session_id)
         return session.metadata if session else None
@@ -580,9 +592,37 @@ class Room:
         client edit would be). Cancelled while it waits for the commit, the edit stays
         applied and is committed all the same.
         """
+        return await self._server_edit([patch], ephemeral)
+
+    async def replace_state(self, state: Mapping[str, Record]) -> int:
+        """Make the document hold exactly ``state`` (key -> record), as one server edit.
+
+        Keys ``state`` lacks are deleted, records that differ are written anew (deleted
+        and re-created in the same edit when they lose a field), and the rest is left
+        alone, so the clients see the change as ordinary patches and keep their
+        sessions. Checked, applied, broadcast and saved as :meth:`apply_patch` is, and
+        raises as it does. Returns the edit's timestamp (the current one if nothing
+        differs).
+        """
+        wanted = {
+            key: {"_exists": True, **record}
+            for key, record in state.items()
+            if record.get("_exists") is not False
+        }
+        current = self.document.state
+        deletions: Patch = {}
+        for key, record in current.items():
+            if record.get("_exists") is not False:
+                target = wanted.get(key)
+                if target is None or record.keys() - target.keys():
+                    deletions[key] = TOMBSTONE
+        writes = {key: record for key, record in wanted.items() if record != current.get(key)}
+        return await self._server_edit([p for p in (deletions, writes) if p], None)
+
+    async def _server_edit(self, patches: list[Patch], ephemeral: Patch | None) -> int:
         if not self._accepting:
             raise RoomClosedError(self.room_id)
-        message = _server_edit(patch, ephemeral, self.limits)
+        message = _server_edit(patches, ephemeral, self.limits)
         try:
             changed = self._apply(
                 None, SERVER_CLIENT_ID, message.document_patches, message.ephemeral_patches
@@ -850,9 +890,9 @@ class Room:
                 session.metadata = result.metadata
 
 
-def _server_edit(patch: Patch, ephemeral: Patch | None, limits: Limits) -> PatchMessage:
+def _server_edit(patches: list[Patch], ephemeral: Patch | None, limits: Limits) -> PatchMessage:
     """Check a server-side edit exactly as the client frame holding it would be."""
-    frame: dict[str, Any] = {"type": "patch", "documentPatches": [patch]}
+    frame: dict[str, Any] = {"type": "patch", "documentPatches": patches}
     if ephemeral is not None:
         frame["ephemeralPatches"] = [ephemeral]
     try:

@@ -15,6 +15,7 @@ import base64
 import binascii
 import functools
 import hashlib
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
@@ -31,6 +32,7 @@ from ._http import (
     default_http_handler,
     header_tokens,
     http_response,
+    read_body,
     read_request,
 )
 from ._poller import ReadPoller
@@ -40,6 +42,8 @@ logger = logging.getLogger("canvas_store_trio")
 
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a new connection has to send its whole request head (either transport)."""
+BODY_TIMEOUT = 60.0
+"""Seconds a plain request has to send its body, once its head is in."""
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _TEXT = "text/plain; charset=utf-8"
@@ -181,9 +185,10 @@ async def read_upgrade(
     if read is None:
         return None
     request, head, rest = read
-    refusal = (
-        upgrade_refusal(request) if request.is_websocket else _plain_answer(request, http_handler)
-    )
+    if not request.is_websocket:
+        await answer(stream, await _plain_answer(stream, request, rest, http_handler))
+        return None
+    refusal = upgrade_refusal(request)
     if refusal is not None:
         await answer(stream, refusal)
         return None
@@ -253,14 +258,27 @@ async def serve_http_stream(stream: trio.abc.Stream, http_handler: HttpHandler) 
         await trio.aclose_forcefully(stream)
 
 
-def _plain_answer(request: HttpRequest, http_handler: HttpHandler) -> bytes:
-    """The answer to a request that is not an upgrade."""
-    if request.method not in ("GET", "HEAD"):
-        return http_response(
-            405, _TEXT, b"Only GET and HEAD are served.\n", extra_headers={"Allow": "GET, HEAD"}
-        )
-    status, content_type, body = http_handler(request)
-    return http_response(status, content_type, body, head_only=request.method == "HEAD")
+async def _plain_answer(
+    stream: trio.abc.Stream, request: HttpRequest, received: bytes, http_handler: HttpHandler
+) -> bytes:
+    """The answer to a request that is not an upgrade: its body is read (within
+    :data:`BODY_TIMEOUT`), then ``http_handler`` answers it."""
+    try:
+        with trio.fail_after(BODY_TIMEOUT):
+            request = attrs.evolve(request, body=await read_body(stream, request, received))
+    except BadRequest as exc:
+        return http_response(exc.status, _TEXT, f"{exc}\n".encode())
+    except trio.TooSlowError:
+        return http_response(408, _TEXT, b"The request body did not arrive in time.\n")
+    try:
+        answered = http_handler(request)
+        response = await answered if inspect.isawaitable(answered) else answered
+    except Exception:
+        logger.exception("answering %s %s failed", request.method, request.path)
+        response = (500, _TEXT, b"Internal error; the server log has the cause.\n")
+    status, content_type, body, *headers = response
+    return http_response(status, content_type, body, head_only=request.method == "HEAD",
+                         extra_headers=headers[0] if headers else None)
 
 
 async def _accept(

@@ -1,15 +1,17 @@
-"""HTTP/1.1 on the cold path: read one request head with h11, answer it, hang up.
+"""HTTP/1.1 on the cold path: read one request with h11, answer it, hang up.
 
-Every connection starts here: a WebSocket upgrade, or a plain request for the health
-answer (or the demo page, or later ``/metrics``). h11 does the parsing, so a request
+Every connection starts here: a WebSocket upgrade, or a plain request (the health
+answer, ``/metrics``, ``/admin/``, the demo page). h11 does the parsing, so a request
 line or header that RFC 9112 refuses gets a 400, and a head over
-:data:`MAX_HEAD_SIZE` a 431, before any of our code looks at it. Responses are ours to
-write: a status line and a few fixed headers, always ``Connection: close``.
+:data:`MAX_HEAD_SIZE` a 431, before any of our code looks at it. A plain request's body
+must come with ``Content-Length`` (411 otherwise) and fit :data:`MAX_BODY_SIZE` (413).
+Responses are ours to write: a status line and a few fixed headers, always
+``Connection: close``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import attrs
 import h11
@@ -17,6 +19,8 @@ import trio
 
 MAX_HEAD_SIZE = 16 * 1024
 """Bytes in an HTTP request head (request line and headers)."""
+MAX_BODY_SIZE = 64 * 1024 * 1024
+"""Bytes in a plain request's body (a room snapshot ``PUT`` to ``/admin/``)."""
 
 _REASONS = {
     200: "OK",
@@ -25,6 +29,10 @@ _REASONS = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
+    409: "Conflict",
+    411: "Length Required",
+    413: "Content Too Large",
     426: "Upgrade Required",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
@@ -51,6 +59,8 @@ class HttpRequest:
     headers: Mapping[str, str]
     remote: tuple[str, int] | None = None
     http_version: str = "1.1"
+    body: bytes = b""
+    """A plain request's body (read before the handler runs); empty for an upgrade."""
 
     @property
     def is_websocket(self) -> bool:
@@ -58,14 +68,23 @@ class HttpRequest:
         return "websocket" in header_tokens(self.headers, "upgrade")
 
 
-HttpResponse = tuple[int, str, bytes]
-"""``(status, content_type, body)``"""
-HttpHandler = Callable[[HttpRequest], HttpResponse]
+HttpResponse = tuple[int, str, bytes] | tuple[int, str, bytes, Mapping[str, str]]
+"""``(status, content_type, body)``, or with extra headers as a fourth item."""
+HttpHandler = Callable[[HttpRequest], HttpResponse | Awaitable[HttpResponse]]
+"""Answers a plain request, of any method; sync or async. Its exceptions become 500s."""
+TEXT = "text/plain; charset=utf-8"
+
+
+def not_get_or_head(request: HttpRequest) -> HttpResponse | None:
+    """The 405 for a method other than GET and HEAD, or None for those two."""
+    if request.method in ("GET", "HEAD"):
+        return None
+    return 405, TEXT, b"Only GET and HEAD are served here.\n", {"Allow": "GET, HEAD"}
 
 
 def default_http_handler(request: HttpRequest) -> HttpResponse:
-    """Plain HTTP requests get a health answer, as the Node example server gives."""
-    return 200, "text/plain; charset=utf-8", b"ok"
+    """Plain GET requests get a health answer, as the Node example server gives."""
+    return not_get_or_head(request) or (200, TEXT, b"ok")
 
 
 class BadRequest(Exception):
@@ -118,6 +137,29 @@ async def read_request(stream: trio.abc.Stream) -> tuple[HttpRequest, bytes, byt
         request.http_version.decode("ascii"),
     )
     return parsed, bytes(buffer[: end + 4]), bytes(buffer[end + 4 :])
+
+
+async def read_body(stream: trio.abc.Stream, request: HttpRequest, received: bytes) -> bytes:
+    """The body of ``request``, of which ``received`` came with its head.
+
+    Raises :class:`BadRequest`: 411 for a body without ``Content-Length`` (chunked),
+    413 for one over :data:`MAX_BODY_SIZE`, 400 for one cut short.
+    """
+    if "transfer-encoding" in request.headers:
+        raise BadRequest(411, "send the body with Content-Length")
+    length_text = request.headers.get("content-length")
+    if length_text is None:
+        return b""
+    length = int(length_text)  # h11 has checked that it is a number
+    if length > MAX_BODY_SIZE:
+        raise BadRequest(413, f"a request body may hold at most {MAX_BODY_SIZE} bytes")
+    body = bytearray(received[:length])
+    while len(body) < length:
+        data = await stream.receive_some(min(length - len(body), 1 << 20))
+        if not data:
+            raise BadRequest(400, "the body ended before its Content-Length")
+        body += data
+    return bytes(body)
 
 
 def http_response(
