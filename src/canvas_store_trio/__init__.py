@@ -16,6 +16,8 @@ from ._protocol import PROTOCOL_VERSION as PROTOCOL_VERSION
 from ._protocol import Limits as Limits
 from ._protocol import ProtocolError as ProtocolError
 from ._protocol import parse_client_frame as parse_client_frame
+from .auth._jwt import JWTAuthorizer as JWTAuthorizer
+from .auth._jwt import TokenRefused as TokenRefused
 from .rooms._commits import CommitError as CommitError
 from .rooms._connection import Authorize as Authorize
 from .rooms._connection import AuthorizeInfo as AuthorizeInfo

@@ -18,6 +18,7 @@ import trio
 from .. import __version__
 from .._document import SnapshotError
 from .._protocol import Limits
+from ..auth._jwt import JWTAuthorizer
 from ..ops import ADMIN_TOKEN_ENV, metrics_registry, ops_http_handler, watch_loop_lag
 from ..rooms._connection import Authorize, serve_connection
 from ..rooms._manager import RoomManager
@@ -95,6 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--authorize",
         metavar="MODULE:FUNCTION",
         help="hook that checks each token; without it every session is readwrite",
+    )
+    tokens = serve.add_argument_group("JWT: the token query parameter (see README)")
+    tokens.add_argument(
+        "--jwt-secret",
+        metavar="SECRET",
+        help=f"admit sessions on a JWT signed with this HS256 secret (or ${JWT_SECRET_VARIABLE})",
+    )
+    tokens.add_argument(
+        "--jwt-public-key",
+        type=Path,
+        metavar="FILE",
+        help="admit sessions on a JWT signed for this PEM public key (RSA, EC, Ed25519)",
+    )
+    tokens.add_argument("--jwt-audience", metavar="AUD", help="the aud a token must hold")
+    tokens.add_argument("--jwt-issuer", metavar="ISS", help="the iss a token must have")
+    tokens.add_argument(
+        "--jwt-leeway",
+        type=_option_type("float"),
+        default=0.0,
+        metavar="SECONDS",
+        help="clock skew allowed on exp, nbf and iat (0)",
     )
     serve.add_argument(
         "--demo",
@@ -197,6 +219,43 @@ def load_authorize(spec: str) -> Authorize:
     return function  # type: ignore[no-any-return]
 
 
+JWT_SECRET_VARIABLE = "CANVAS_STORE_JWT_SECRET"
+"""Where ``serve`` takes the HS256 secret from without ``--jwt-secret`` (which a process
+listing would show)."""
+
+
+def jwt_authorizer(args: argparse.Namespace, then: Authorize | None) -> Authorize | None:
+    """``then`` behind a :class:`JWTAuthorizer` when a secret or public key is given."""
+    secret = args.jwt_secret or os.environ.get(JWT_SECRET_VARIABLE) or None
+    key_file: Path | None = args.jwt_public_key
+    if secret is not None and key_file is not None:
+        raise UsageError(
+            f"--jwt-secret (or ${JWT_SECRET_VARIABLE}) and --jwt-public-key: give one of them"
+        )
+    if secret is None and key_file is None:
+        if args.jwt_audience or args.jwt_issuer or args.jwt_leeway:
+            raise UsageError(
+                "--jwt-audience, --jwt-issuer, --jwt-leeway: need --jwt-secret or --jwt-public-key"
+            )
+        return then
+    option = "--jwt-secret" if key_file is None else f"--jwt-public-key {key_file}"
+    try:
+        authorizer = JWTAuthorizer(
+            secret=secret,
+            public_key=None if key_file is None else key_file.read_bytes(),
+            audience=args.jwt_audience,
+            issuer=args.jwt_issuer,
+            leeway=args.jwt_leeway,
+            then=then,
+        )
+    except OSError as exc:
+        raise UsageError(f"{option}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # never holds the secret
+        raise UsageError(f"{option}: {exc}") from None
+    logger.info("sessions need a JWT signed with %s", " or ".join(authorizer.algorithms))
+    return authorizer
+
+
 DURABLE_ACKS_DEFAULT = False
 """Whether ``serve`` acks edits only once they are durable when no flag says. Off: on
 the bench they cost more than the 10% that would make them the default (see
@@ -245,7 +304,7 @@ async def serve(
     Raises :class:`UsageError` for what the user can fix (a bad option, an address that
     cannot be listened on) before any client is served.
     """
-    authorize = load_authorize(args.authorize) if args.authorize else None
+    authorize = jwt_authorizer(args, load_authorize(args.authorize) if args.authorize else None)
     limits = limits_from(args)
     port = serve_port(args)
     durable = durable_acks(args)

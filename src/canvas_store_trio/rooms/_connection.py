@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -45,12 +45,14 @@ class ConnectRequest:
 
 @attrs.frozen
 class AuthorizeInfo:
-    """What an ``authorize`` hook is told. ``request`` is None on a token refresh."""
+    """What an ``authorize`` hook is told. ``request`` is None on a token refresh;
+    ``claims`` are the verified JWT's, for a hook run by a :class:`JWTAuthorizer`."""
 
     room_id: str
     client_id: str
     token: str
     request: HandshakeRequest | None = None
+    claims: Mapping[str, Any] | None = None
 
 
 Authorize = Callable[[AuthorizeInfo], AuthorizeResult | Any | Awaitable[Any]]
