@@ -95,6 +95,8 @@ class EditorLog:
     closed: dict[str, int] = attrs.Factory(lambda: defaultdict(int))
     close_codes: list[tuple[str, int]] = attrs.Factory(list)
     resyncs: list[dict[str, Any]] = attrs.Factory(list)
+    reconnects: list[dict[str, Any]] = attrs.Factory(list)
+    """Every ``reconnect`` frame the editors sent, with the values it carried."""
     still_in_flight: list[dict[str, Any]] = attrs.Factory(list)
     errors: list[str] = attrs.Factory(list)
     changed: trio.Event = attrs.Factory(trio.Event)
@@ -117,6 +119,8 @@ class EditorLog:
             self.close_codes.append((event["client"], event["code"]))
         elif kind == "resync":
             self.resyncs.append(event)
+        elif kind == "reconnect":
+            self.reconnects.append(event)
         elif kind == "error":
             self.errors.append(event["message"])
         self.changed.set()
@@ -230,6 +234,7 @@ async def test_sigkill_over_and_over_loses_no_acked_edit(place: Place, modules: 
     clients = [f"{room}-c{i}" for room in rooms for i in range(2)]
     serve = (*place.options, *DURABLE, "--save-throttle", "5")
     stored_before: dict[str, int] = {room: 0 for room in rooms}
+    stored: dict[str, Snapshot] = {}
     top_at_kill: dict[str, int] = {}
     report = []
     with trio.fail_after(45):
@@ -245,13 +250,20 @@ async def test_sigkill_over_and_over_loses_no_acked_edit(place: Place, modules: 
                     else server_process(*serve, port=first.port)
                 ) as server:
                     if round_:
-                        # As the restarted server serves it (the editors may be back).
+                        # As the restarted server serves it (the editors may be back, and
+                        # be acked meanwhile: the reader's diff must hold what was acked
+                        # before it joined, not what is acked while it reads).
                         for room in rooms:
+                            acked, top_ack = dict(log.acked[room]), log.top_ack[room]
                             diff, timestamp = await read_room(server, room)
-                            lost = lost_edits(log.acked[room], diff)
-                            assert not lost, (f"seed {seed}, round {round_}: served room {room!r}"
-                                              f" lacks acked edits: {sorted(lost.items())[:5]}")
-                            assert timestamp >= log.top_ack[room]
+                            lost = lost_edits(acked, diff)
+                            assert not lost, (
+                                f"seed {seed}, round {round_}: served room {room!r} lacks acked "
+                                f"edits: {sorted(lost.items())[:5]}; storage held "
+                                f"{ {k: stored[room].state.get(k) for k in lost} } at timestamp "
+                                f"{stored[room].timestamp}; served timestamp {timestamp}; "
+                                f"reconnects: {log.reconnects[-8:]}")
+                            assert timestamp >= top_ack
                     await log.wait_for(f"every client synced {round_ + 1} time(s)",
                                        functools.partial(log.all_synced, clients, round_ + 1),
                                        timeout=15)

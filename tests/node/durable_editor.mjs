@@ -16,6 +16,8 @@
 //    "inFlight":false}
 //        the server acked M; `values` are the `v`s M's document patch carried. `inFlight` is
 //        whether the adapter still holds M after handling the ack (it must not).
+//   {"event":"reconnect","client":C,"room":R,"lastTimestamp":L,"values":{KEY:V,...}}
+//        the adapter sent `reconnect`, carrying these values of its offline buffer
 //   {"event":"synced","client":C,"room":R,"timestamp":T}   a `synced` frame arrived
 //   {"event":"resync","client":C,"room":R,"since":S}        the server asked for a resync
 //                                                         (it has gone back in time)
@@ -95,14 +97,16 @@ class WatchingWebSocket extends WsWebSocket {
 
   send(data, ...rest) {
     const msg = JSON.parse(data)
-    if (msg.type === 'patch' && msg.documentPatches?.length) {
-      const values = {}
-      for (const patch of msg.documentPatches) {
-        for (const [key, record] of Object.entries(patch)) {
-          if (typeof record.v === 'number') values[key] = record.v
-        }
+    const values = {}
+    for (const patch of msg.documentPatches ?? []) {
+      for (const [key, record] of Object.entries(patch)) {
+        if (typeof record.v === 'number') values[key] = record.v
       }
+    }
+    if (msg.type === 'patch' && msg.documentPatches?.length) {
       this.sent.set(msg.messageId, values)
+    } else if (msg.type === 'reconnect') {
+      emit({ event: 'reconnect', ...this.who, lastTimestamp: msg.lastTimestamp, values })
     }
     return super.send(data, ...rest)
   }
