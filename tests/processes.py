@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 import trio
 from trio_websocket import open_websocket_url
 
-from .conftest import Client
+from canvas_store_trio.testing import FrameClient
 
 
 class Server:
@@ -72,8 +72,8 @@ async def server_process(*options: str, port: int = 0) -> AsyncIterator[Server]:
 
 
 @asynccontextmanager
-async def client(server: Server, room: str, client_id: str) -> AsyncIterator[Client]:
+async def client(server: Server, room: str, client_id: str) -> AsyncIterator[FrameClient]:
     """A raw protocol client of ``server`` (real loopback socket, trio-websocket)."""
     async with open_websocket_url(server.url(room, client_id), max_message_size=2**30,
                                   receive_buffer_size=1 << 20) as ws:
-        yield Client(ws)
+        yield FrameClient(ws)

@@ -17,8 +17,8 @@ import pytest
 import trio
 
 from canvas_store_trio import Snapshot, decode_snapshot, encode_snapshot
+from canvas_store_trio.testing import FrameClient
 
-from .conftest import Client
 from .processes import Server, client, server_process
 from .test_demo_http import http
 
@@ -51,7 +51,7 @@ async def admin_server(tmp_path: Path, *options: str) -> AsyncIterator[Server]:
         yield server
 
 
-async def edit(c: Client, message_id: str, patch: dict[str, Any]) -> None:
+async def edit(c: FrameClient, message_id: str, patch: dict[str, Any]) -> None:
     await c.send(type="patch", messageId=message_id, documentPatches=[patch])
     await c.receive_until("ack")
 

@@ -1,5 +1,6 @@
 """Property tests of the sans-IO document model (PROTOCOL.md, "Document model" and
-"Ephemeral"), against reference implementations written here from the spec alone.
+"Ephemeral"), against references written from the spec alone: ``ReferenceModel`` (from
+``canvas_store_trio.testing``, where users get it too) and a presence model here.
 
 The references are deliberately naive (index by index, deep copies everywhere) so that
 they share no code and no cleverness with ``_document.py``.
@@ -36,16 +37,19 @@ from canvas_store_trio._document import (
     snapshot_from_json,
     snapshot_to_json,
 )
-
-from .strategies import (
-    buffer_arrays,
+from canvas_store_trio.testing import (
+    SCHEMAS,
+    ReferenceModel,
     buffer_deltas,
-    buffer_numbers,
-    field_values,
     json_values,
     patch_lists,
+    snapshots,
+)
+from canvas_store_trio.testing._model import apply_delta, apply_entry, live_records
+from canvas_store_trio.testing._strategies import (
+    buffer_arrays,
+    buffer_numbers,
     presence_patch_lists,
-    schema_patch_lists,
 )
 
 FAST = settings(max_examples=120, deadline=None, report_multiple_bugs=False)
@@ -56,108 +60,7 @@ FRAMES = settings(max_examples=40, deadline=None, report_multiple_bugs=False)
 frame_lists = st.lists(patch_lists(), max_size=8)
 """The document patches of a run of frames, one list per frame."""
 
-# --- references, from the spec ------------------------------------------------------
-
-
-def ref_is_delta(value: object) -> bool:
-    return isinstance(value, dict) and value.get("__buf") == 1 and value.get("__buf") is not True
-
-
-def ref_apply_buffer_delta(old: object, delta: dict[str, Any]) -> list[Any]:
-    """"A new array of length N: the first min(old length, N) items of the old array
-    (none if there was no array), zeros for the rest, then each run writes v_j at
-    offset + j. A write outside 0 <= index < N is ignored." One index at a time."""
-    n = delta["len"]
-    old_items = old if isinstance(old, list) else []
-    out = []
-    for i in range(n):
-        out.append(copy.deepcopy(old_items[i]) if i < len(old_items) else 0)
-    for offset, values in delta["runs"]:
-        for j, v in enumerate(values):
-            if 0 <= offset + j < n:
-                out[offset + j] = v
-    return out
-
-
-def ref_write_fields(base: dict[str, Any], value: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for field, v in value.items():
-        if ref_is_delta(v):
-            out[field] = ref_apply_buffer_delta(out.get(field), v)
-        else:
-            out[field] = copy.deepcopy(v)
-    return out
-
-
-def ref_apply_entry(state: dict[str, Any], key: str, value: dict[str, Any]) -> bool:
-    """Cases 1-3 of "Applying one patch" on a plain dict; return whether the key was
-    written (False: a partial write to a missing or dead key, dropped)."""
-    if value.get("_exists") is False:
-        state[key] = {"_exists": False}
-        return True
-    current = state.get(key)
-    if current is None or current.get("_exists") is False:
-        if value.get("_exists") is not True:
-            return False
-        state[key] = ref_write_fields({}, value)
-    else:
-        state[key] = ref_write_fields(current, value)
-    return True
-
-
-class ModelDocument:
-    """The Document model of PROTOCOL.md, written out longhand."""
-
-    def __init__(self) -> None:
-        self.timestamp = 0
-        self.state: dict[str, dict[str, Any]] = {}
-        self.timestamps: dict[str, dict[str, int]] = {}
-        self.deleted_at: dict[int, set[str]] = {}
-        """timestamp -> keys tombstoned by the frame that got it."""
-
-    def apply(self, frame: list[dict[str, Any]]) -> tuple[bool, set[str]]:
-        """Apply one frame's document patches; return (timestamp moved, keys written)."""
-        if not any(len(patch) > 0 for patch in frame):
-            return False, set()
-        self.timestamp += 1
-        t = self.timestamp
-        written: set[str] = set()
-        for patch in frame:
-            for key, value in patch.items():
-                if not ref_apply_entry(self.state, key, value):
-                    continue
-                written.add(key)
-                if value.get("_exists") is False:
-                    # As the Node server does (the side-by-side test measured it): the
-                    # field timestamps are cleared, then every field the deleting value
-                    # names gets T, though the record keeps only _exists. PROTOCOL.md
-                    # says only _exists gets T; the Node server's behaviour wins.
-                    self.timestamps[key] = dict.fromkeys(value, t)
-                    self.deleted_at.setdefault(t, set()).add(key)
-                else:
-                    field_ts = self.timestamps.setdefault(key, {})
-                    for field in value:
-                        field_ts[field] = t
-        return True, written
-
-    def diff_since(self, since: int) -> dict[str, dict[str, Any]]:
-        diff = {}
-        for key, field_ts in self.timestamps.items():
-            if key not in self.state:
-                continue
-            record = self.state[key]
-            # a field with a timestamp but no value (named by a deleting patch) is left
-            # out, as JSON.stringify leaves out the Node server's undefined
-            fields = {f: record[f] for f, t in field_ts.items() if t > since and f in record}
-            if fields:
-                diff[key] = fields
-        return diff
-
-    def live(self) -> dict[str, dict[str, Any]]:
-        return live_records(self.state)
-
-    def deleted_after(self, since: int) -> set[str]:
-        return {key for t, keys in self.deleted_at.items() if t > since for key in keys}
+# --- what the tests add to the reference model -------------------------------------
 
 
 class ModelPresence:
@@ -172,7 +75,7 @@ class ModelPresence:
         state = self.by_client.setdefault(client, {})
         for patch in frame:
             for key, value in patch.items():
-                ref_apply_entry(state, key, value)
+                apply_entry(state, key, value)
                 if state.get(key) == {"_exists": False}:
                     del state[key]
 
@@ -188,16 +91,11 @@ class ModelPresence:
         return {key: {"_exists": False} for key in self.by_client.pop(client, {})}
 
 
-def live_records(state: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """What a client holds: live records only (tombstones count as absent)."""
-    return {k: copy.deepcopy(v) for k, v in state.items() if v.get("_exists") is not False}
-
-
 def client_apply(mirror: dict[str, dict[str, Any]], patch: dict[str, Any]) -> None:
     """A client applying a diff or a broadcast patch to its live records:
     ``_exists: false`` deletes, anything else merges fields (with the same rules)."""
     for key, value in patch.items():
-        ref_apply_entry(mirror, key, value)
+        apply_entry(mirror, key, value)
         if mirror.get(key) == {"_exists": False}:
             del mirror[key]
 
@@ -223,10 +121,11 @@ def assert_converged(
             assert client[key] == record, key
 
 
-def assert_document_equals(doc: Document, model: ModelDocument) -> None:
+def assert_document_equals(doc: Document, model: ReferenceModel) -> None:
     assert doc.timestamp == model.timestamp
     assert doc.state == model.state
     assert doc.timestamps == model.timestamps
+    assert doc.snapshot() == model.snapshot()
 
 
 # --- buffer deltas ------------------------------------------------------------------
@@ -289,7 +188,7 @@ def test_buffer_delta_equals_the_array_it_encodes(case: Any) -> None:
     old, new, delta = case
     before = copy.deepcopy(old)
     assert apply_buffer_delta(old, delta) == new
-    assert ref_apply_buffer_delta(old, delta) == new  # the encoder is right, too
+    assert apply_delta(old, delta) == new  # the encoder is right, too
     assert old == before  # the stored array is never edited in place
 
 
@@ -305,7 +204,7 @@ def test_document_stores_the_array_a_delta_encodes(case: Any) -> None:
     assert doc.state["e/Shape"]["points"] == new
     doc.apply([{"e/Shape": {"_exists": False}}])
     doc.apply([{"e/Shape": {"_exists": True, "points": delta}}])
-    assert doc.state["e/Shape"]["points"] == ref_apply_buffer_delta(None, delta)
+    assert doc.state["e/Shape"]["points"] == apply_delta(None, delta)
 
 
 bases = st.one_of(
@@ -338,7 +237,7 @@ def test_buffer_delta_matches_reference(base: Any, delta: dict[str, Any]) -> Non
     before = copy.deepcopy(base)
     result = apply_buffer_delta(base, delta)
     assert type(result) is list
-    assert result == ref_apply_buffer_delta(base, delta)
+    assert result == apply_delta(base, delta)
     assert len(result) == delta["len"]
     assert base == before
     assert result is not base
@@ -368,9 +267,9 @@ def test_buffer_delta_examples(base: Any, delta: dict[str, Any], expected: list[
 @FRAMES
 @given(frame_lists)
 def test_document_matches_model(frames: list[list[dict[str, Any]]]) -> None:
-    doc, model = Document(), ModelDocument()
+    doc, model = Document(), ReferenceModel()
     for frame in frames:
-        moved, _ = model.apply(frame)
+        moved = model.apply(frame)
         assert doc.apply(frame) is moved
         assert_document_equals(doc, model)
     for since in range(-1, model.timestamp + 2):
@@ -431,9 +330,9 @@ def test_recreation_after_tombstone() -> None:
 # --- the diff since T ---------------------------------------------------------------
 
 
-def _run(frames: list[list[dict[str, Any]]]) -> tuple[Document, ModelDocument, list[Any]]:
+def _run(frames: list[list[dict[str, Any]]]) -> tuple[Document, ReferenceModel, list[Any]]:
     """Apply frames; return the document, the model and the live state at each T."""
-    doc, model = Document(), ModelDocument()
+    doc, model = Document(), ReferenceModel()
     history = [live_records(doc.state)]
     for frame in frames:
         if doc.apply(frame):
@@ -466,7 +365,7 @@ def test_diff_since_brings_a_client_to_the_server_state(
 
 
 @FRAMES
-@given(st.lists(schema_patch_lists, max_size=12))
+@given(st.lists(patch_lists(min_patches=1, max_patches=2, schemas=SCHEMAS), max_size=12))
 def test_diff_since_converges_exactly_for_client_shaped_writes(
     frames: list[list[dict[str, Any]]],
 ) -> None:
@@ -592,28 +491,12 @@ def test_snapshot_encoded_in_parts_is_the_snapshot(
     assert decode_snapshot(data) == snap
 
 
-snapshots_json = st.fixed_dictionaries(
-    {
-        "timestamp": st.integers(0, 2**40),
-        "state": st.dictionaries(
-            st.text(max_size=8),
-            st.dictionaries(st.text(max_size=5), field_values(), max_size=3)
-            | st.just({"_exists": False}),
-            max_size=4,
-        ),
-        "timestamps": st.dictionaries(
-            st.text(max_size=8),
-            st.dictionaries(st.text(max_size=5), st.integers(0, 2**40), max_size=3),
-            max_size=4,
-        ),
-    }
-)
-
-
 @FAST
-@given(snapshots_json)
-def test_any_valid_snapshot_file_round_trips(raw: dict[str, Any]) -> None:
+@given(snapshots(reachable=False) | snapshots())
+def test_any_valid_snapshot_file_round_trips(snapshot: Snapshot) -> None:
+    raw = snapshot_to_json(snapshot)
     snap = decode_snapshot(orjson.dumps(raw))
+    assert snap == snapshot
     assert snap == snapshot_from_json(raw)
     assert (snap.timestamp, dict(snap.state), dict(snap.timestamps)) == (
         raw["timestamp"],
@@ -664,13 +547,13 @@ def test_decode_snapshot_refuses_bad_shapes(raw: bytes) -> None:
 @given(st.lists(st.one_of(patch_lists(), st.sampled_from(["take", "take-and-fail"])), max_size=16))
 def test_take_changes_gives_the_keys_written_since_last_time(ops: list[Any]) -> None:
     doc = Document(unsaved_keys=set())
-    model = ModelDocument()
+    model = ReferenceModel()
     expected: set[str] = set()
     for op in ops:
         if isinstance(op, list):
-            moved, written = model.apply(op)
+            moved = model.apply(op)
             assert doc.apply(op) is moved
-            expected |= written
+            expected |= model.written_at(model.timestamp) if moved else set()
             continue
         changes = doc.take_changes()
         assert changes.timestamp == doc.timestamp
@@ -695,7 +578,7 @@ CLIENTS = ("alice", "bob", "carol")
 
 class SyncMachine(RuleBasedStateMachine):
     """A room's sans-IO state (Document + EphemeralState) driven by several clients,
-    checked against ModelDocument and ModelPresence.
+    checked against ReferenceModel and ModelPresence.
 
     Each client keeps a mirror of the live document. A connected client applies every
     frame as it is broadcast; a client that disconnects keeps its mirror and the last
@@ -707,7 +590,7 @@ class SyncMachine(RuleBasedStateMachine):
         super().__init__()
         self.doc = Document(unsaved_keys=set())
         self.presence = EphemeralState()
-        self.model = ModelDocument()
+        self.model = ReferenceModel()
         self.model_presence = ModelPresence()
         self.history: list[dict[str, Any]] = [{}]
         self.connected: set[str] = set()
@@ -719,9 +602,9 @@ class SyncMachine(RuleBasedStateMachine):
         self, client: str, doc_patches: list[dict[str, Any]], eph_patches: list[dict[str, Any]]
     ) -> None:
         """What Room._apply does with the sans-IO parts, mirrored on the model."""
-        moved, written = self.model.apply(doc_patches)
+        moved = self.model.apply(doc_patches)
         assert self.doc.apply(doc_patches) is moved
-        self.unsaved |= written
+        self.unsaved |= self.model.written_at(self.model.timestamp) if moved else set()
         if eph_patches:
             self.presence.apply(client, eph_patches)
             self.model_presence.apply(client, eph_patches)

@@ -13,8 +13,9 @@ import pytest
 import trio
 
 from canvas_store_trio import Limits, RoomManager, SQLiteDatabase
+from canvas_store_trio.testing import FrameClient
 
-from .conftest import Client, connect, frames_of
+from .conftest import connect, frames_of
 
 NO_PINGS = Limits(ping_interval=None)
 
@@ -117,4 +118,4 @@ async def test_a_joining_client_gets_only_committed_edits(tmp_path: Path) -> Non
             room = manager.get_existing_room("r")
             assert room is not None and room.committer is not None
             assert room.committer.committed >= diff["timestamp"]
-        assert isinstance(a, Client)
+        assert isinstance(a, FrameClient)

@@ -34,8 +34,9 @@ import pytest
 import trio
 
 from canvas_store_trio import Snapshot, decode_snapshot, open_storage_backend
+from canvas_store_trio.testing import FrameClient
 
-from .conftest import Client, frames_of, node_modules
+from .conftest import frames_of, node_modules
 from .processes import Server, client, server_process
 from .storage_helpers import postgres_schema
 
@@ -338,13 +339,13 @@ async def test_pipelined_clients_get_acks_and_broadcasts_in_one_increasing_order
                 await c.drain(0.2)  # the clientCount frames of later joins
             received: dict[int, list[dict[str, Any]]] = {}
 
-            async def send_all(i: int, c: Client) -> None:
+            async def send_all(i: int, c: FrameClient) -> None:
                 for n in range(per_sender):  # never waiting for an ack
                     key = f"p{i}-{n}/c"
                     await c.send(type="patch", messageId=key,
                                  documentPatches=[{key: {"_exists": True, "v": n}}])
 
-            async def receive_all(i: int, c: Client) -> None:
+            async def receive_all(i: int, c: FrameClient) -> None:
                 frames = received[i] = []
                 while len(frames) < total:  # its own acks, and everyone else's edits
                     frame = await c.receive(timeout=10)
@@ -372,7 +373,7 @@ async def test_pipelined_clients_get_acks_and_broadcasts_in_one_increasing_order
 # --- clean shutdown: only snapshots remain --------------------------------------------------
 
 
-async def write_acked(c: Client, name: str, count: int, acked: dict[str, Any]) -> None:
+async def write_acked(c: FrameClient, name: str, count: int, acked: dict[str, Any]) -> None:
     """``count`` edits of five keys, pipelined; record each key's last acked record."""
     records = {}
     for n in range(count):

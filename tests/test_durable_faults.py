@@ -26,8 +26,9 @@ from canvas_store_trio import (
     RoomManager,
     StorageError,
 )
+from canvas_store_trio.testing import FrameClient
 
-from .conftest import Client, connect, frames_of
+from .conftest import connect, frames_of
 from .storage_helpers import CommandedStorage
 
 NO_PINGS = Limits(ping_interval=None)
@@ -45,7 +46,7 @@ async def durable_manager(storage: CommandedStorage) -> AsyncIterator[RoomManage
 
 
 @asynccontextmanager
-async def joined(manager: RoomManager, name: str) -> AsyncIterator[Client]:
+async def joined(manager: RoomManager, name: str) -> AsyncIterator[FrameClient]:
     async with connect(manager, f"roomId=r&clientId={name}") as client:
         await client.reconnect()
         yield client
@@ -55,11 +56,11 @@ def create(key: str, v: Any) -> dict[str, Any]:
     return {key: {"_exists": True, "v": v}}
 
 
-async def edit(client: Client, key: str, v: Any = 1) -> None:
+async def edit(client: FrameClient, key: str, v: Any = 1) -> None:
     await client.send(type="patch", messageId=key, documentPatches=[create(key, v)])
 
 
-async def take(client: Client, kind: str, n: int) -> list[dict[str, Any]]:
+async def take(client: FrameClient, kind: str, n: int) -> list[dict[str, Any]]:
     """The next ``n`` frames of ``kind`` (the others are dropped)."""
     found: list[dict[str, Any]] = []
     while len(found) < n:
@@ -79,7 +80,7 @@ def keys_in(frames: list[dict[str, Any]]) -> set[str]:
     return {key for f in frames for patch in f.get("documentPatches") or () for key in patch}
 
 
-async def until_closed(client: Client) -> tuple[list[dict[str, Any]], int | None]:
+async def until_closed(client: FrameClient) -> tuple[list[dict[str, Any]], int | None]:
     """Every frame up to the server's close, and the close code."""
     frames = []
     with trio.fail_after(10):

@@ -15,8 +15,7 @@ import trio
 from trio_websocket import open_websocket_url
 
 from canvas_store_trio.cli._main import build_parser, serve
-
-from .conftest import Client
+from canvas_store_trio.testing import FrameClient
 
 
 @pytest.fixture(params=["wire", "trio-websocket"])
@@ -31,9 +30,9 @@ async def url(
 
 
 @asynccontextmanager
-async def client(url: str, query: str) -> AsyncIterator[Client]:
+async def client(url: str, query: str) -> AsyncIterator[FrameClient]:
     async with open_websocket_url(f"{url}/?{query}", max_message_size=2**30) as ws:
-        yield Client(ws)
+        yield FrameClient(ws)
 
 
 def create(key: str, **fields: Any) -> dict[str, Any]:

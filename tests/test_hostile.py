@@ -43,9 +43,8 @@ from wsproto.events import (
 
 from canvas_store_trio import decode_snapshot
 from canvas_store_trio.cli._main import build_parser, serve
+from canvas_store_trio.testing import FrameClient
 from canvas_store_trio.transport import _handshake
-
-from .conftest import Client
 
 TRANSPORTS = ["wire", "trio-websocket"]
 
@@ -65,10 +64,10 @@ async def start_server(nursery: trio.Nursery, *options: str) -> int:
 
 
 @asynccontextmanager
-async def ws_client(port: int, room: str, client_id: str) -> AsyncIterator[Client]:
+async def ws_client(port: int, room: str, client_id: str) -> AsyncIterator[FrameClient]:
     url = f"ws://127.0.0.1:{port}/?roomId={room}&clientId={client_id}"
     async with open_websocket_url(url, max_message_size=2**30) as ws:
-        yield Client(ws)
+        yield FrameClient(ws)
 
 
 def mask_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0,
@@ -214,10 +213,10 @@ class Scene:
     """Room ``doc`` (seeded, with the observer ``w`` and the hostile client ``h``), and
     room ``other`` with two clients that must keep working whatever ``h`` does."""
 
-    observer: Client
-    hostile: Client
-    a: Client
-    b: Client
+    observer: FrameClient
+    hostile: FrameClient
+    a: FrameClient
+    b: FrameClient
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -240,7 +239,7 @@ class Scene:
         got = (await self.b.receive_until("patch"))[-1]
         assert got["documentPatches"] == [{key: {"_exists": True, "n": n}}]
 
-    async def next_edit_is_seen_first(self, sender: Client | None, timestamp: int) -> None:
+    async def next_edit_is_seen_first(self, sender: FrameClient | None, timestamp: int) -> None:
         """``sender`` (a fresh client if None) edits ``doc``: it is acked as the room's
         next change, and it is the first thing (client counts aside) the observer is
         sent after the hostile frame: nothing of that frame came before it."""
@@ -270,8 +269,8 @@ def is_a_leave(frame: dict[str, Any]) -> bool:
             and all(v == {"_exists": False} for p in frame["ephemeralPatches"] for v in p.values()))
 
 
-def sender_id(client: Client) -> str:
-    return client.ws.path.split("clientId=")[1].split("&")[0]  # type: ignore[attr-defined]
+def sender_id(client: FrameClient) -> str:
+    return client.socket.path.split("clientId=")[1].split("&")[0]  # type: ignore[attr-defined]
 
 
 @asynccontextmanager

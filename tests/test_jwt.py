@@ -48,8 +48,9 @@ from canvas_store_trio import (
     SessionInfo,
     TokenRefused,
 )
+from canvas_store_trio.testing import FrameClient
 
-from .conftest import Client, connect, frames_of, node_modules
+from .conftest import connect, frames_of, node_modules
 from .processes import Server, server_process
 from .test_front_door import assert_one_line_error, run_cli
 
@@ -124,7 +125,7 @@ def session(manager: RoomManager, client_id: str = "c1") -> SessionInfo:
     return found
 
 
-async def edit_applies(manager: RoomManager, client: Client, key: str = "n/Note") -> bool:
+async def edit_applies(manager: RoomManager, client: FrameClient, key: str = "n/Note") -> bool:
     """Send an edit of ``key``, wait for its ack, say whether the room took it."""
     await client.send(type="patch", messageId=key, documentPatches=[{key: NOTE["n/Note"]}])
     await client.receive_until("ack")
@@ -373,10 +374,10 @@ async def test_token_refused_is_a_permission_error_apps_can_catch() -> None:
 
 @asynccontextmanager
 async def real_client(server: Server, client_id: str, token: str | None
-                      ) -> AsyncIterator[Client]:
+                      ) -> AsyncIterator[FrameClient]:
     async with open_websocket_url(f"ws://127.0.0.1:{server.port}/?{query(client_id, token)}"
                                   ) as ws:
-        yield Client(ws)
+        yield FrameClient(ws)
 
 
 def write_key(folder: Path, algorithm: str) -> Path:

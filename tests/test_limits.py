@@ -29,10 +29,11 @@ from canvas_store_trio import Limits, RoomManager, serve_connection
 from canvas_store_trio.cli._main import build_parser, limits_from
 from canvas_store_trio.rooms import _room
 from canvas_store_trio.rooms._session import Session
+from canvas_store_trio.testing import FrameClient
 from canvas_store_trio.transport._handshake import serve_wire_stream
 from canvas_store_trio.transport._listener import serve_websocket_stream
 
-from .conftest import Client, connect, frames_of
+from .conftest import connect, frames_of
 from .test_hostile import RawWebSocket, start_server, ws_client
 
 NO_PINGS = Limits(ping_interval=None)
@@ -53,12 +54,12 @@ async def manager_with(limits: Limits, **kwargs: Any) -> AsyncIterator[RoomManag
         yield manager
 
 
-async def joined(client: Client, **extra: Any) -> Client:
+async def joined(client: FrameClient, **extra: Any) -> FrameClient:
     await client.reconnect(**extra)
     return client
 
 
-async def edit_is_seen(sender: Client, observer: Client, n: int) -> None:
+async def edit_is_seen(sender: FrameClient, observer: FrameClient, n: int) -> None:
     """``sender`` edits; it is acked and ``observer`` is sent the patch."""
     key = f"n{n}/c"
     await sender.send(type="patch", messageId=f"m{n}", documentPatches=[create(key, n=n)])
@@ -562,7 +563,7 @@ async def test_rate_limit_closes_a_flooding_session_1008(
             frames = []
             with pytest.raises(ConnectionClosed) as closed:
                 while True:
-                    frames.append(orjson.loads(await flood.ws.get_message()))
+                    frames.append(orjson.loads(await flood.socket.get_message()))
             assert (closed.value.reason.code, closed.value.reason.reason) == (
                 1008, "rate limit exceeded")
             assert 1 <= len(frames_of(frames, "ack")) <= 5
@@ -734,13 +735,13 @@ async def test_the_defaults_take_a_100k_component_document_in_one_frame() -> Non
                                           receive_buffer_size=1 << 20) as ws:
                 # as seedRoom does: the patch as soon as the socket opens, no reconnect
                 await ws.send_message(frame.decode())
-                seeder = Client(ws)
+                seeder = FrameClient(ws)
                 acks = [f for f in await seeder.receive_until("ack", timeout=20)
                         if f["type"] == "ack"]
                 assert acks == [{"type": "ack", "messageId": "seed-s", "timestamp": 1}]
             async with open_websocket_url(f"{url}&clientId=r", max_message_size=2**30,
                                           receive_buffer_size=1 << 20) as ws:
-                frames = await Client(ws).reconnect()
+                frames = await FrameClient(ws).reconnect()
             [synced] = frames_of(frames, "synced")
             assert synced["timestamp"] == 1
             [diff] = frames_of(frames, "patch")[-1]["documentPatches"]

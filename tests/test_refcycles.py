@@ -33,11 +33,12 @@ from canvas_store_trio.rooms._connection import AuthorizeInfo
 from canvas_store_trio.rooms._room import Room
 from canvas_store_trio.rooms._saver import Saver
 from canvas_store_trio.rooms._session import Session
+from canvas_store_trio.testing import FrameClient
 from canvas_store_trio.transport._handshake import HandshakeRequest
 from canvas_store_trio.transport._listener import serve_websockets
 from canvas_store_trio.transport._wire import WireSocket
 
-from .conftest import Client, connect
+from .conftest import connect
 
 
 @contextmanager
@@ -145,7 +146,7 @@ async def test_a_closed_room_on_loopback_is_freed_without_the_collector(
                     open_websocket_url(f"{url}/?roomId=r&clientId=a") as ws_a,
                     open_websocket_url(f"{url}/?roomId=r&clientId=b") as ws_b,
                 ):
-                    a, b = Client(ws_a), Client(ws_b)
+                    a, b = FrameClient(ws_a), FrameClient(ws_b)
                     await a.reconnect()
                     await b.reconnect()
                     await a.send(**edit(f"a{rnd}/c"))

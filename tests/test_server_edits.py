@@ -39,8 +39,9 @@ from canvas_store_trio import (
     TooManyRoomsError,
     decode_snapshot,
 )
+from canvas_store_trio.testing import FrameClient
 
-from .conftest import Client, connect, frames_of
+from .conftest import connect, frames_of
 from .storage_helpers import CommandedStorage
 from .test_front_door import ROOT, free_port, start_server
 
@@ -52,7 +53,7 @@ def create(key: str, **fields: Any) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def joined(manager: RoomManager, name: str, room: str = "r") -> AsyncIterator[Client]:
+async def joined(manager: RoomManager, name: str, room: str = "r") -> AsyncIterator[FrameClient]:
     async with connect(manager, f"roomId={room}&clientId={name}") as client:
         await client.reconnect()
         yield client

@@ -17,8 +17,9 @@ import pytest
 import trio
 
 from canvas_store_trio import Changes, Limits, RoomManager, Snapshot
+from canvas_store_trio.testing import FrameClient
 
-from .conftest import Client, connect, frames_of
+from .conftest import connect, frames_of
 
 NO_PINGS = Limits(ping_interval=None)
 
@@ -121,7 +122,7 @@ async def manager_for(stores: dict[str, FaultyStorage], **kwargs: Any
 class Editor:
     """Edits a room and remembers every acked edit (key -> value)."""
 
-    def __init__(self, client: Client, name: str) -> None:
+    def __init__(self, client: FrameClient, name: str) -> None:
         self.client = client
         self.name = name
         self.acked: dict[str, int] = {}
@@ -154,7 +155,7 @@ async def editor(manager: RoomManager, room: str, name: str) -> AsyncIterator[Ed
         yield Editor(client, name)
 
 
-async def slow_reconnect(client: Client, timeout: float) -> list[dict[str, Any]]:
+async def slow_reconnect(client: FrameClient, timeout: float) -> list[dict[str, Any]]:
     """Reconnect with lastTimestamp 0, allowing ``timeout`` seconds for the room to load."""
     await client.send(type="reconnect", lastTimestamp=0, protocolVersion=2)
     return await client.receive_until("synced", timeout=timeout)
@@ -454,7 +455,7 @@ async def _join_racing_an_idle_close(manager: RoomManager, storage: GatedStorage
             c = Editor(client, "c")
             await c.edit()
             await at(12)
-            assert client.ws.closed is None, f"c was closed: {client.ws.closed}"
+            assert client.socket.closed is None, f"c was closed: {client.socket.closed}"
             await c.edit()
             acked.update(c.acked)
 
