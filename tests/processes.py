@@ -10,11 +10,16 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import trio
 from trio_websocket import open_websocket_url
 
 from canvas_store_trio.testing import FrameClient
+
+from .conftest import NODE_DIR
+
+REFERENCE_SERVER = Path(NODE_DIR) / "reference-server.mjs"
 
 
 class Server:
@@ -28,23 +33,29 @@ class Server:
 
 
 @asynccontextmanager
-async def server_process(*options: str, port: int = 0) -> AsyncIterator[Server]:
+async def server_process(*options: str, port: int = 0, node: bool = False
+                         ) -> AsyncIterator[Server]:
     """``python -m canvas_store_trio serve --port PORT *options``; killed on the way out.
 
     ``options`` name the storage (``--data-dir DIR``, ``--storage URL``) and anything
     else. Port 0 picks a free one; ``server.port`` is the one it listens on. The server's
-    log (stderr) is kept in ``server.log``.
+    log (stderr) is kept in ``server.log``. ``node=True`` runs the Node reference server
+    (node/reference-server.mjs, which takes the same options) instead.
     """
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "canvas_store_trio", "serve", "--port", str(port), *options],
-        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    assert process.stderr is not None
+    command = (["node", str(REFERENCE_SERVER)] if node
+               else [sys.executable, "-m", "canvas_store_trio", "serve"])
+    process = await trio.lowlevel.open_process(  # Node logs on stdout
+        [*command, "--port", str(port), *options], stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if node else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if node else subprocess.PIPE)
+    output = process.stdout if node else process.stderr
+    assert output is not None
     try:
         async with trio.open_nursery() as nursery:
             log = bytearray()
             with trio.fail_after(15):
                 while (found := re.search(rb"Listening on ws://[\d.]+:(\d+)", log)) is None:
-                    chunk = await process.stderr.receive_some(65536)
+                    chunk = await output.receive_some(65536)
                     assert chunk, f"the server exited: {log.decode(errors='replace')}"
                     log += chunk
             server = Server(process, int(found.group(1)))
@@ -53,8 +64,7 @@ async def server_process(*options: str, port: int = 0) -> AsyncIterator[Server]:
             read_all = trio.Event()
 
             async def keep_reading() -> None:  # never let the pipe fill up
-                assert process.stderr is not None
-                while chunk := await process.stderr.receive_some(65536):
+                while chunk := await output.receive_some(65536):
                     server.log += chunk
                 read_all.set()
 

@@ -27,12 +27,9 @@
 //
 // The packages are loaded from --node-modules, else the first $NODE_PATH entry holding
 // @woven-ecs/canvas-store, else node/node_modules of this repository.
-import { existsSync } from 'node:fs'
-import { createRequire } from 'node:module'
-import { delimiter, dirname, join } from 'node:path'
 import { createInterface } from 'node:readline'
-import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
+import { requireFromNodeModules } from './packages.mjs'
 
 const FRAME_MS = 16
 const ECS = 1 // the client's Origin.ECS
@@ -62,21 +59,7 @@ function fail(err) {
 process.on('uncaughtException', fail)
 process.on('unhandledRejection', fail)
 
-function nodeModules() {
-  const here = dirname(fileURLToPath(import.meta.url))
-  const candidates = [
-    options['node-modules'],
-    ...(process.env.NODE_PATH ?? '').split(delimiter),
-    join(here, '..', '..', 'node', 'node_modules'),
-  ]
-  for (const dir of candidates) {
-    if (dir && existsSync(join(dir, '@woven-ecs', 'canvas-store', 'package.json'))) return dir
-  }
-  throw new Error(`@woven-ecs/canvas-store not found in any of ${JSON.stringify(candidates)}`)
-}
-
-// Resolve the packages as a file inside that folder would.
-const require = createRequire(join(nodeModules(), 'resolve-from-here.js'))
+const require = requireFromNodeModules(options['node-modules'])
 const { WebsocketAdapter } = require('@woven-ecs/canvas-store')
 const { WebSocket: WsWebSocket } = require('ws')
 
