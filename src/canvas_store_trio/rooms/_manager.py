@@ -10,6 +10,7 @@ from typing import Any
 
 import trio
 
+from .._logs import log_event
 from .._protocol import Limits
 from ..storage._base import Storage
 from ._room import (
@@ -21,8 +22,6 @@ from ._room import (
     TokenRefreshHook,
 )
 from ._session import Permissions, SessionInfo, TokenRefresh
-
-logger = logging.getLogger("canvas_store_trio")
 
 
 class RoomLoadError(Exception):
@@ -223,9 +222,12 @@ class RoomManager:
             await room.wait_accepting_or_closed()
         failed = [room.room_id for room in rooms if room.unsaved]
         if failed:
-            logger.error(
+            log_event(
+                logging.ERROR,
+                "rooms_unsaved",
                 "closed with unsaved changes in %d room(s): %s",
                 len(failed),
                 ", ".join(map(repr, failed)),
+                rooms=failed,
             )
         return failed

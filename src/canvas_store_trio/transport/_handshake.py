@@ -21,8 +21,9 @@ from typing import Protocol
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed
+from trio_websocket import CloseReason, ConnectionClosed
 
+from .._logs import log_event
 from ._http import (
     BadRequest,
     HttpHandler,
@@ -35,8 +36,6 @@ from ._http import (
 )
 from ._poller import ReadPoller
 from ._wire import WireSocket
-
-logger = logging.getLogger("canvas_store_trio")
 
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a new connection has to send its whole request head (either transport)."""
@@ -61,7 +60,7 @@ class AcceptedSocket(MessageSocket, Protocol):
     """What ``HandshakeRequest.accept()`` returns: ``closed`` is set once it has ended."""
 
     @property
-    def closed(self) -> object: ...
+    def closed(self) -> CloseReason | None: ...
 
 
 @attrs.define(eq=False)
@@ -232,8 +231,14 @@ async def serve_wire_stream(
         await handler(handshake_request(upgrade.request, accept, reject))
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
         pass
-    except Exception as exc:
-        logger.warning("a connection failed and was closed: %r", exc)
+    except Exception as exc:  # a bug in the handler: this connection ends, not the server
+        log_event(
+            logging.ERROR,
+            "connection_failed",
+            "a connection failed and was closed: %r",
+            exc,
+            exc_info=exc,
+        )
     finally:
         await trio.aclose_forcefully(stream)
 
