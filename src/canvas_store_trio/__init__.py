@@ -12,6 +12,7 @@ from ._document import SnapshotError as SnapshotError
 from ._document import apply_buffer_delta as apply_buffer_delta
 from ._document import decode_snapshot as decode_snapshot
 from ._document import encode_snapshot as encode_snapshot
+from ._logs import JSONLogFormatter as JSONLogFormatter
 from ._protocol import PROTOCOL_VERSION as PROTOCOL_VERSION
 from ._protocol import Limits as Limits
 from ._protocol import ProtocolError as ProtocolError

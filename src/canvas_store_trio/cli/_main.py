@@ -17,6 +17,7 @@ import trio
 
 from .. import __version__
 from .._document import SnapshotError
+from .._logs import JSONLogFormatter, log_event
 from .._protocol import Limits
 from ..auth._jwt import JWTAuthorizer
 from ..ops import ADMIN_TOKEN_ENV, metrics_registry, ops_http_handler, watch_loop_lag
@@ -30,7 +31,9 @@ from ..transport._http import HttpHandler, HttpRequest, HttpResponse, default_ht
 from ..transport._listener import TRANSPORTS, serve_http, serve_websockets
 from ._demo_page import DemoNotBuiltError, demo_http_handler, page_url
 
-logger = logging.getLogger("canvas_store_trio")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="wire",
         help="WebSocket implementation: our lean one (wire, the default) or trio-websocket",
     )
+    serve.add_argument(
+        "--log-level",
+        type=_one_of(LOG_LEVELS),
+        default=os.environ.get("CANVAS_STORE_LOG_LEVEL", "info"),
+        metavar="{" + ",".join(LOG_LEVELS) + "}",
+        help="the least severe lines logged ($CANVAS_STORE_LOG_LEVEL, else info)",
+    )
+    serve.add_argument(
+        "--log-format",
+        type=_one_of(LOG_FORMATS),
+        default=os.environ.get("CANVAS_STORE_LOG_FORMAT", "text"),
+        metavar="{" + ",".join(LOG_FORMATS) + "}",
+        help="log lines as text, or as json: one object a line, with time, level, event, "
+        "message, room, session, client, code... ($CANVAS_STORE_LOG_FORMAT, else text)",
+    )
     limits = serve.add_argument_group("limits (see README)")
     for field in attrs.fields(Limits):
         annotation = str(field.type)
@@ -171,6 +189,26 @@ def _option_type(annotation: str) -> Callable[[str], object]:
         return value
 
     return parse
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    """An argparse type for a choice that also checks defaults (taken from ``$VARS``)."""
+
+    def parse(text: str) -> str:
+        if text.lower() not in choices:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}, not {text!r}")
+        return text.lower()
+
+    return parse
+
+
+def configure_logging(level: str = "info", log_format: str = "text") -> None:
+    """Log to stderr at ``level``, as text or as one JSON object a line."""
+    handler = logging.StreamHandler(sys.stderr)
+    json_lines = log_format == "json"
+    handler.setFormatter(JSONLogFormatter() if json_lines else logging.Formatter(TEXT_LOG_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+    logging.captureWarnings(json_lines)  # else they would be lines of their own format
 
 
 def port_number(text: str) -> int:
@@ -252,7 +290,8 @@ def jwt_authorizer(args: argparse.Namespace, then: Authorize | None) -> Authoriz
         raise UsageError(f"{option}: {exc.strerror or exc}") from None
     except ValueError as exc:  # never holds the secret
         raise UsageError(f"{option}: {exc}") from None
-    logger.info("sessions need a JWT signed with %s", " or ".join(authorizer.algorithms))
+    log_event(logging.INFO, "jwt_required", "sessions need a JWT signed with %s",
+              " or ".join(authorizer.algorithms))
     return authorizer
 
 
@@ -322,7 +361,13 @@ async def serve(
         # again end as plain snapshots.
         folded = await backend.fold_journals()
         if folded:
-            logger.info("folded the journals of %d room(s) into their snapshots", folded)
+            log_event(
+                logging.INFO,
+                "journals_folded",
+                "folded the journals of %d room(s) into their snapshots",
+                folded,
+                count=folded,
+            )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with (
             backend,
@@ -368,7 +413,9 @@ async def serve(
                     args.metrics_port,
                     functools.partial(serve_http, metrics_only),
                 )
-                logger.info(
+                log_event(
+                    logging.INFO,
+                    "metrics_listening",
                     "Metrics on http://%s:%d/metrics",
                     args.host,
                     metrics_at[0].socket.getsockname()[1],
@@ -376,23 +423,40 @@ async def serve(
             port = listeners[0].socket.getsockname()[1]
             url = f"ws://{args.host}:{port}"
             where = f"{backend}, " + ("acks once durable" if durable else "acks once in memory")
-            logger.info(
+            log_event(
+                logging.INFO,
+                "listening",
                 "Listening on %s (rooms in %s). Connect with %s/?roomId=ROOM&clientId=CLIENT",
                 url,
                 where,
                 url,
+                url=url,
             )
             if args.demo:
-                logger.info("Demo page: %s (open it in two windows)", page_url(listeners[0]))
+                page = page_url(listeners[0])
+                log_event(
+                    logging.INFO,
+                    "demo_page",
+                    "Demo page: %s (open it in two windows)",
+                    page,
+                    url=page,
+                )
             task_status.started(port)
             async for signum in signals:
-                logger.info("%s: closing sessions and saving rooms", signal.Signals(signum).name)
+                name = signal.Signals(signum).name
+                log_event(
+                    logging.INFO,
+                    "shutting_down",
+                    "%s: closing sessions and saving rooms",
+                    name,
+                    signal=name,
+                )
                 break
             failed = await manager.close_all()
             nursery.cancel_scope.cancel()
     if failed:
         raise SystemExit(1)
-    logger.info("all rooms saved; bye")
+    log_event(logging.INFO, "shut_down", "all rooms saved; bye")
 
 
 async def _listen(
@@ -422,20 +486,36 @@ def _only_error(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> B
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run a command. Errors the user can fix print one line and exit with status 2."""
+    """Run a command. Errors the user can fix print one line and exit with status 2.
+
+    With ``--log-format json`` that line, and the traceback of a crash, are JSON lines
+    too (events ``usage_error`` and ``crashed``).
+    """
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
-    )
+    log_format = getattr(args, "log_format", "text")  # options of serve only
+    configure_logging(getattr(args, "log_level", "info"), log_format)
+    json_lines = log_format == "json"
     expected = (UsageError, TransferError, StorageError, SnapshotError, ValueError)
     try:
         if args.command == "serve":
             trio.run(serve, args)
         else:
-            logger.info("%s", trio.run(run_transfer_command, args))
+            log_event(logging.INFO, "transfer_done", "%s", trio.run(run_transfer_command, args))
     except BaseException as exc:
         error = _only_error(exc, expected)
         if error is None:
+            if json_lines and isinstance(exc, Exception):
+                log_event(
+                    logging.CRITICAL,
+                    "crashed",
+                    "canvas-store-trio %s crashed",
+                    args.command,
+                    exc_info=exc,
+                )
+                raise SystemExit(1) from None
             raise
-        print(f"canvas-store-trio {args.command}: {error}", file=sys.stderr)
+        if json_lines:
+            log_event(logging.ERROR, "usage_error", "canvas-store-trio %s: %s", args.command, error)
+        else:
+            print(f"canvas-store-trio {args.command}: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -18,11 +18,10 @@ import attrs
 import trio
 
 from .._document import Changes, Document
+from .._logs import log_event
 from ..storage._base import CommitGroup, JournalStorage
 from ._session import Session
 from ._stats import Stats
-
-logger = logging.getLogger("canvas_store_trio")
 
 
 class CommitError(Exception):
@@ -198,12 +197,16 @@ class Committer:
         # Kept without its traceback: its frames hold the room.
         self.error = exc.with_traceback(None)
         self._next = _HeldFrames()
-        logger.error(
+        log_event(
+            logging.ERROR,
+            "commit_failed",
             "room %r: a commit failed, so %d edit(s) are not acked and the room closes "
             "(its clients reconnect and resend them): %s",
             self.room_id,
             self.document.timestamp - self.committed,
             self.error,
+            room=self.room_id,
+            error=str(self.error),
         )
         self._on_failed(self.error)
 
@@ -293,8 +296,15 @@ class _CommitDriver:
         for committer, (_, changes), error in zip(batch, commits, errors, strict=True):
             try:
                 committer._end(changes, error)
-            except Exception:  # a bug in a room must not end every room's commits
-                logger.exception("room %r: handling a commit failed", committer.room_id)
+            except Exception as exc:  # a bug in a room must not end every room's commits
+                log_event(
+                    logging.ERROR,
+                    "commit_handling_failed",
+                    "room %r: handling a commit failed",
+                    committer.room_id,
+                    exc_info=exc,
+                    room=committer.room_id,
+                )
 
 
 _drivers: trio.lowlevel.RunVar[dict[int, _CommitDriver]] = trio.lowlevel.RunVar("commit_drivers")

@@ -11,18 +11,19 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 import trio
 
+from .._logs import log_event
 from ..transport._handshake import AcceptedSocket, HandshakeRequest
 from ._manager import ManagerClosedError, RoomLoadError, RoomManager, TooManyRoomsError
 from ._room import SERVER_CLIENT_ID, Room, RoomFullError
 from ._session import (
+    NORMAL_CLOSE_CODES,
     AuthorizeResult,
     AuthorizeResultError,
     SessionInfo,
     as_authorize_result,
     close_reason,
+    log_connection_closed,
 )
-
-logger = logging.getLogger("canvas_store_trio")
 
 MAX_ID_LENGTH = 256
 """Characters in a room id or client id."""
@@ -117,6 +118,15 @@ async def serve_connection(
     try:
         connect = parse_connect_url(request.path, default_room_id=default_room_id)
     except ConnectRequestError as exc:
+        log_event(
+            logging.WARNING,
+            "connect_refused",
+            "refused a connection: %s",
+            exc,
+            code=1008,
+            reason=str(exc),
+            error_code=exc.code,
+        )
         await ws.aclose(1008, str(exc))
         return
     room_id, client_id = connect.room_id, connect.client_id
@@ -126,17 +136,33 @@ async def serve_connection(
         info = AuthorizeInfo(room_id, client_id, connect.token, request)
         try:
             result = await _authorize_while_open(ws, authorize, info)
-        except AuthorizeResultError as exc:
-            logger.error("refused client %r in room %r: %s", client_id, room_id, exc)
-            await ws.aclose(1008, "Unauthorized")
-            return
         except Exception as exc:
-            logger.info("refused client %r in room %r: %s", client_id, room_id, exc)
-            await ws.aclose(1008, close_reason(str(exc) or "Unauthorized"))
+            hook_bug = isinstance(exc, AuthorizeResultError)  # not a refusal: an error
+            reason = "Unauthorized" if hook_bug else close_reason(str(exc) or "Unauthorized")
+            log_event(
+                logging.ERROR if hook_bug else logging.INFO,
+                "auth_refused",
+                "refused client %r in room %r: %s",
+                client_id,
+                room_id,
+                exc,
+                room=room_id,
+                client=client_id,
+                code=1008,
+                reason=reason,
+            )
+            await ws.aclose(1008, reason)
             return
         refresh = _refresher(authorize, room_id, client_id)
-    if ws.closed:
-        return  # the client left while authorize ran: it never joins
+    if ws.closed:  # the client left while authorize ran: it never joins
+        log_connection_closed(ws.closed, room_id, client_id)
+        return
+    joined: list[SessionInfo] = []
+
+    def log_join(room: Room, session: SessionInfo) -> None:
+        joined.append(session)
+        _log_join_or_leave("client_joined", "joined", room.room_id, room.session_count(), session)
+
     try:
         await manager.serve(
             ws,
@@ -145,22 +171,19 @@ async def serve_connection(
             permissions=result.permissions,
             metadata=result.metadata,
             refresh=refresh,
-            on_ready=_log_join,
+            on_ready=log_join,
         )
     except RoomLoadError:
-        await _refuse(ws, 1011, "Room could not be loaded")  # the cause, logged, may name paths
+        # The cause, logged by the room, may name paths: the client gets none of it.
+        await _refuse(ws, room_id, client_id, 1011, "Room could not be loaded")
     except (RoomFullError, TooManyRoomsError) as exc:
-        await _refuse(ws, 1013, str(exc))
+        await _refuse(ws, room_id, client_id, 1013, str(exc))
     except ManagerClosedError:
-        await _refuse(ws, 1001, "Server is shutting down")
+        await _refuse(ws, room_id, client_id, 1001, "Server is shutting down")
     else:
         room = manager.get_existing_room(room_id)
-        logger.info(
-            "client %r left room %r (%d active)",
-            client_id,
-            room_id,
-            room.session_count() if room else 0,
-        )
+        active = room.session_count() if room else 0
+        _log_join_or_leave("client_left", "left", room_id, active, joined[0])
 
 
 async def _authorize_while_open(
@@ -200,16 +223,42 @@ def _refresher(
     return refresh
 
 
-def _log_join(room: Room, session: SessionInfo) -> None:
-    logger.info(
-        "client %r joined room %r (%d active)",
+def _log_join_or_leave(
+    event: str, verb: str, room_id: str, active: int, session: SessionInfo
+) -> None:
+    """``client_joined`` or ``client_left``."""
+    log_event(
+        logging.INFO,
+        event,
+        "client %r %s room %r (%d active)",
         session.client_id,
-        room.room_id,
-        room.session_count(),
+        verb,
+        room_id,
+        active,
+        room=room_id,
+        session=session.session_id,
+        client=session.client_id,
+        active=active,
     )
 
 
-async def _refuse(ws: AcceptedSocket, code: int, reason: str) -> None:
+async def _refuse(ws: AcceptedSocket, room_id: str, client_id: str, code: int, reason: str) -> None:
+    """Close a socket that cannot join its room; log it unless the server is stopping."""
+    reason = close_reason(reason)
+    if code not in NORMAL_CLOSE_CODES:
+        log_event(
+            logging.WARNING,
+            "join_refused",
+            "refused client %r in room %r: %s (%d)",
+            client_id,
+            room_id,
+            reason,
+            code,
+            room=room_id,
+            client=client_id,
+            code=code,
+            reason=reason,
+        )
     with trio.CancelScope(shield=True) as scope:
         scope.deadline = trio.current_time() + 5.0
-        await ws.aclose(code, close_reason(reason))
+        await ws.aclose(code, reason)

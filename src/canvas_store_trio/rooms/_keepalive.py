@@ -9,9 +9,8 @@ from collections.abc import Mapping
 import trio
 from trio_websocket import ConnectionClosed
 
+from .._logs import log_event
 from ._session import Session
-
-logger = logging.getLogger("canvas_store_trio")
 
 
 async def keep_alive(
@@ -39,7 +38,13 @@ async def _ping(room_id: str, session: Session, timeout: float) -> None:
             await session.socket.ping()
     session.pinging = False
     if scope.cancelled_caught:
-        logger.info(
-            "room %r: client %r dropped: no pong within %g s", room_id, session.client_id, timeout
-        )
         session.close(1001, "ping timeout")
+        log_event(
+            logging.INFO,
+            "ping_timeout",
+            "room %r: client %r dropped: no pong within %g s",
+            room_id,
+            session.client_id,
+            timeout,
+            **session.log_fields(),
+        )

@@ -10,6 +10,7 @@ from typing import Any
 
 import trio
 
+from .._logs import log_event
 from .._protocol import Limits
 from ..storage._base import Storage
 from ._room import (
@@ -22,8 +23,6 @@ from ._room import (
 )
 from ._session import Permissions, SessionInfo, TokenRefresh
 from ._stats import Stats
-
-logger = logging.getLogger("canvas_store_trio")
 
 
 class RoomLoadError(Exception):
@@ -236,9 +235,12 @@ class RoomManager:
             await room.wait_accepting_or_closed()
         failed = [room.room_id for room in rooms if room.unsaved]
         if failed:
-            logger.error(
+            log_event(
+                logging.ERROR,
+                "rooms_unsaved",
                 "closed with unsaved changes in %d room(s): %s",
                 len(failed),
                 ", ".join(map(repr, failed)),
+                rooms=failed,
             )
         return failed

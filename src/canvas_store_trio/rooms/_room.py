@@ -22,9 +22,10 @@ from typing import Any, cast
 
 import orjson
 import trio
-from trio_websocket import ConnectionClosed
+from trio_websocket import CloseReason, ConnectionClosed
 
 from .._document import TOMBSTONE, EphemeralState, Patch, Record, Snapshot, has_content
+from .._logs import log_event
 from .._protocol import (
     AuthRefreshMessage,
     Limits,
@@ -48,6 +49,7 @@ from ._feed import Change, ChangeFeed
 from ._keepalive import keep_alive
 from ._saver import Saver
 from ._session import (
+    NORMAL_CLOSE_CODES,
     AuthorizeResult,
     AuthorizeResultError,
     Permissions,
@@ -59,10 +61,9 @@ from ._session import (
     check_permissions,
     close_reason,
     implements,
+    log_connection_closed,
 )
 from ._stats import Stats
-
-logger = logging.getLogger("canvas_store_trio")
 
 CLOSE_TIMEOUT = 5.0
 """Seconds a session's clean-up may spend draining its outbox and closing its socket."""
@@ -197,7 +198,15 @@ class Room:
         try:
             self.document = await self.saver.load()
         except Exception as exc:
-            logger.error("room %r refused: its snapshot could not be loaded: %s", self.room_id, exc)
+            log_event(
+                logging.ERROR,
+                "room_load_failed",
+                "room %r refused: its snapshot could not be loaded: %s",
+                self.room_id,
+                exc,
+                room=self.room_id,
+                error=str(exc),
+            )
             self.load_error = exc.with_traceback(None)  # its frames would hold the room
             self._ready.set()
             self._closed.set()
@@ -290,6 +299,17 @@ class Room:
         sessions = list(self._sessions.values())
         self._sessions.clear()
         for session in sessions:
+            if code not in NORMAL_CLOSE_CODES and not session.closing:
+                log_event(
+                    logging.WARNING,
+                    "session_closed",
+                    "room %r: client %r closed: %s (%d)",
+                    self.room_id,
+                    session.client_id,
+                    reason,
+                    code,
+                    **session.log_fields(code=code, reason=reason),
+                )
             session.close(code, reason)
 
     async def _commit_all(self) -> bool:
@@ -331,18 +351,27 @@ class Room:
             # the close (1001), and no edit can now arrive after the last save.
             self._set_accepting(False)
             if await self._commit_all() and await self.saver.save():
-                logger.info(
-                    "room %r closes after %g s without sessions", self.room_id, self._idle_timeout
+                log_event(
+                    logging.INFO,
+                    "room_closed_idle",
+                    "room %r closes after %g s without sessions",
+                    self.room_id,
+                    self._idle_timeout,
+                    room=self.room_id,
                 )
                 return
             if self._close_requested.is_set():
                 return
             # A room whose save fails stays open (and keeps retrying) rather than
             # forgetting its acked edits; the joins that waited come in now.
-            logger.warning(
+            log_event(
+                logging.WARNING,
+                "room_kept_open",
                 "room %r stays open: its changes could not be saved (%s)",
                 self.room_id,
                 self.save_error,
+                room=self.room_id,
+                error=str(self.save_error),
             )
             self._set_accepting(True)
 
@@ -427,6 +456,7 @@ class Room:
             raise ValueError(f"the client id {SERVER_CLIENT_ID!r} is the server's own")
         session = Session(
             socket,
+            self.room_id,
             client_id,
             permissions,
             metadata,
@@ -438,13 +468,14 @@ class Room:
         self._add_session(session)
         if on_ready:
             on_ready(self, session.info())
+        ended: CloseReason | None = None
         try:
             with session.cancel_scope:
                 async with trio.open_nursery() as nursery:
                     session.nursery = nursery
                     try:
                         nursery.start_soon(session.run_writer)
-                        await self._read_frames(session, socket)
+                        ended = await self._read_frames(session, socket)
                         session.close(1000, "")
                     finally:
                         # Nothing new starts in a nursery on its way out: the keep-alive
@@ -459,8 +490,13 @@ class Room:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + CLOSE_TIMEOUT
                 await self._close_socket(session, socket)
+            if ended is None and session.close_code == 1006:  # a write found it gone
+                ended = CloseReason(1006, "connection lost")
+            if ended is not None:
+                log_connection_closed(ended, self.room_id, session.client_id, session.session_id)
 
-    async def _read_frames(self, session: Session, socket: MessageSocket) -> None:
+    async def _read_frames(self, session: Session, socket: MessageSocket) -> CloseReason:
+        """Hand the socket's frames to the room until it closes; return how it closed."""
         try:
             if implements(socket, PushSocket):
                 on_message = functools.partial(self._handle_frame, session)
@@ -470,8 +506,11 @@ class Room:
             else:
                 while True:
                     self.handle_frame(session, await socket.get_message())
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+        except ConnectionClosed as exc:
+            return exc.reason or CloseReason(1006, "connection lost")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        return CloseReason(1006, "connection lost")
 
     @staticmethod
     async def _close_socket(session: Session, socket: MessageSocket) -> None:
@@ -676,11 +715,14 @@ class Room:
         try:
             if not session.check_rate(limits.rate_limit, limits.rate_burst):
                 session.close(1008, "rate limit exceeded")
-                logger.warning(
+                log_event(
+                    logging.WARNING,
+                    "rate_limited",
                     "room %r: client %r closed: over %g frames/s",
                     self.room_id,
                     session.client_id,
                     limits.rate_limit,
+                    **session.log_fields(),
                 )
                 self._remove_session(session)
                 return
@@ -700,22 +742,31 @@ class Room:
 
     def _refuse(self, session: Session, error: ProtocolError) -> None:
         self.stats.refused(error.code)
-        logger.warning(
+        log_event(
+            logging.WARNING,
+            "frame_refused",
             "room %r: refused a frame from client %r: %s (%s)",
             self.room_id,
             session.client_id,
             error.message,
             error.code,
+            room=self.room_id,
+            session=session.session_id,
+            client=session.client_id,
+            error_code=error.code,
         )
         session.send(error_frame(error))  # at once, even past held acks: it tells of no edit
         if session.note_refused(self.limits.max_invalid_frames, self.limits.invalid_frame_window):
             session.close(1008, "too many invalid frames")
-            logger.warning(
+            log_event(
+                logging.WARNING,
+                "too_many_invalid_frames",
                 "room %r: client %r closed: too many invalid frames (over %d in %g s)",
                 self.room_id,
                 session.client_id,
                 self.limits.max_invalid_frames,
                 self.limits.invalid_frame_window,
+                **session.log_fields(),
             )
             self._remove_session(session)
 
@@ -874,14 +925,16 @@ class Room:
                     value = await value
                 result = as_authorize_result(value)
         except Exception as exc:
-            log = logger.error if isinstance(exc, AuthorizeResultError) else logger.info
-            log(
+            session.close(1008, "token refresh refused")
+            log_event(
+                logging.ERROR if isinstance(exc, AuthorizeResultError) else logging.INFO,
+                "token_refresh_refused",
                 "room %r: client %r closed: token refresh refused: %s",
                 self.room_id,
                 session.client_id,
                 exc,
+                **session.log_fields(),
             )
-            session.close(1008, "token refresh refused")
             self._remove_session(session)
             return
         if session.session_id in self._sessions:

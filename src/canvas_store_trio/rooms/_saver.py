@@ -21,11 +21,10 @@ from typing import cast
 import trio
 
 from .._document import Document
+from .._logs import log_event
 from ..storage._base import IncrementalStorage, Storage, StreamingStorage
 from ._session import implements
 from ._stats import Stats
-
-logger = logging.getLogger("canvas_store_trio")
 
 
 class Saver:
@@ -110,11 +109,15 @@ class Saver:
             await trio.sleep(self.save_throttle)
             delay = 1.0
             while not await self.save():
-                logger.warning(
+                log_event(
+                    logging.WARNING,
+                    "save_failed",
                     "room %r: save failed (%s); retrying in %g s, nothing is lost",
                     self.room_id,
                     self.error,
                     delay,
+                    room=self.room_id,
+                    error=str(self.error),
                 )
                 await trio.sleep(delay)
                 delay = min(delay * 2, 60.0)
@@ -196,8 +199,13 @@ class Saver:
         with trio.move_on_after(self.flush_timeout):
             if await self.save():
                 return
-        logger.error(
+        error = str(self.error or f"flush took over {self.flush_timeout} s")
+        log_event(
+            logging.ERROR,
+            "room_closed_unsaved",
             "room %r closed with unsaved changes: %s",
             self.room_id,
-            self.error or f"flush took over {self.flush_timeout} s",
+            error,
+            room=self.room_id,
+            error=error,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -10,8 +11,9 @@ from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed
+from trio_websocket import CloseReason, ConnectionClosed
 
+from .._logs import log_event
 from ..transport._handshake import MessageSocket
 from ._stats import Stats
 
@@ -150,17 +152,19 @@ class Session:
     def __init__(
         self,
         socket: MessageSocket,
+        room_id: str,
         client_id: str,
         permissions: Permissions,
         metadata: Any,
         *,
         outbox_max_bytes: int,
         pending: list[Session],
-        stats: Stats,
+        stats: Stats | None = None,
         refresh: TokenRefresh | None = None,
     ) -> None:
         self.session_id = str(uuid.uuid4())
         self.socket = socket
+        self.room_id = room_id
         self.client_id = client_id
         self.permissions: Permissions = permissions
         self.metadata = metadata
@@ -169,7 +173,7 @@ class Session:
         self.outbox_bytes = 0
         self.outbox_max_bytes = outbox_max_bytes
         self._pending = pending
-        self._stats = stats
+        self._stats = stats or Stats()
         self._flush_queued = False
         self._raw = cast(RawWriter, socket) if implements(socket, RawWriter) else None
         self._outbox_ready = trio.Event()
@@ -188,6 +192,18 @@ class Session:
     def info(self) -> SessionInfo:
         return SessionInfo(self.session_id, self.client_id, self.permissions, self.metadata)
 
+    def log_fields(self, **fields: Any) -> dict[str, Any]:
+        """A log line's fields about this session: who it is, its close code and reason
+        (unless ``fields`` say otherwise), and ``fields``."""
+        return {
+            "room": self.room_id,
+            "session": self.session_id,
+            "client": self.client_id,
+            "code": self.close_code,
+            "reason": self.close_reason or None,
+            **fields,
+        }
+
     @property
     def closing(self) -> bool:
         return self.close_code is not None
@@ -201,6 +217,15 @@ class Session:
             if backlog >= self.outbox_max_bytes:
                 self.close(1008, "too slow: outbox full")
                 self._stats.slow_client_closes += 1
+                log_event(
+                    logging.WARNING,
+                    "slow_client",
+                    "room %r: client %r closed: too slow (%d bytes waiting to be sent)",
+                    self.room_id,
+                    self.client_id,
+                    backlog,
+                    **self.log_fields(),
+                )
                 return
             self._flush_queued = True
             self._pending.append(self)
@@ -287,6 +312,32 @@ class Session:
         while self.refused and self.refused[0] < now - window:
             self.refused.popleft()
         return len(self.refused) > limit
+
+
+NORMAL_CLOSE_CODES = frozenset((1000, 1001, 1005))
+"""Close codes of an end nobody needs to hear about: done, going away, no code."""
+
+
+def log_connection_closed(
+    closed: CloseReason, room: str, client: str, session: str | None = None
+) -> None:
+    """Log an end that the client or the transport chose, unless its code is normal."""
+    if closed.code in NORMAL_CLOSE_CODES:
+        return
+    log_event(
+        logging.INFO if closed.code == 1006 else logging.WARNING,
+        "connection_closed",
+        "room %r: client %r connection closed: %s (%d)",
+        room,
+        client,
+        closed.reason or "no reason given",
+        closed.code,
+        room=room,
+        session=session,
+        client=client,
+        code=closed.code,
+        reason=closed.reason or None,
+    )
 
 
 def close_reason(text: str) -> str:

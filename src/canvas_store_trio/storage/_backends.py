@@ -30,7 +30,7 @@ __all__ = [
     "open_storage_backend",
 ]
 
-logger = logging.getLogger("canvas_store_trio")
+from .._logs import log_event
 
 FOLD_CONCURRENCY = 32
 """:meth:`FileBackend.fold_journals` folds this many rooms at once (their reads and
@@ -98,7 +98,15 @@ class FileBackend:
                     if await self.create_storage(room_id).fold_journal():
                         folded += 1
                 except Exception as exc:
-                    logger.error("room %r: cannot fold its journal (%s)", room_id, exc)
+                    log_event(
+                        logging.ERROR,
+                        "journal_fold_failed",
+                        "room %r: cannot fold its journal (%s)",
+                        room_id,
+                        exc,
+                        room=room_id,
+                        error=str(exc),
+                    )
 
         async with trio.open_nursery() as nursery:
             for room_id in journals:

@@ -43,8 +43,7 @@ from ._journal import JournalFile, JournalRecord, JournalScan, encode_record, re
 
 __all__ = ["FileStorage", "journal_file_name", "room_file_name"]
 
-logger = logging.getLogger("canvas_store_trio")
-
+from .._logs import log_event
 
 _PLAIN_ROOM_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _ENCODED_PREFIX = "~"
@@ -600,13 +599,18 @@ class FileStorage:
                 raise SnapshotError(f"{self.path} is not a valid snapshot ({exc})") from None
         scan = scan_journal(journal or b"")
         if scan.bad_offset is not None:
-            logger.warning(
+            log_event(
+                logging.WARNING,
+                "journal_tail_dropped",
                 "%s: %s at byte %d; replay stops there, after %d good records "
                 "(the rest is cut off at the next append or fold)",
                 self.journal_path,
                 scan.problem,
                 scan.bad_offset,
                 len(scan.records),
+                room=self.room_id,
+                file=str(self.journal_path),
+                offset=scan.bad_offset,
             )
         changes, scan.changes = scan.changes, []
         self._journal_view = scan

@@ -35,9 +35,8 @@ import orjson
 import trio
 
 from .._document import Changes, Snapshot, SnapshotError, snapshot_from_json
+from .._logs import log_event
 from ._base import StorageError
-
-logger = logging.getLogger("canvas_store_trio")
 
 ROOMS_TABLE = "canvas_store_rooms"
 RECORDS_TABLE = "canvas_store_records"
@@ -248,8 +247,13 @@ class GroupCommit:
                 if len(batch) == 1:
                     batch[0].error = exc
                     return
-                logger.warning(
-                    "a commit of %d rooms failed (%s); committing each on its own", len(batch), exc
+                log_event(
+                    logging.WARNING,
+                    "group_commit_failed",
+                    "a commit of %d rooms failed (%s); committing each on its own",
+                    len(batch),
+                    exc,
+                    error=str(exc),
                 )
                 for job in batch:
                     try:

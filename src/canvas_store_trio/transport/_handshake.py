@@ -19,11 +19,13 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed
+from trio_websocket import CloseReason, ConnectionClosed
 
+from .._logs import log_event
 from ._http import (
     BadRequest,
     HttpHandler,
@@ -37,8 +39,6 @@ from ._http import (
 )
 from ._poller import ReadPoller
 from ._wire import WireSocket
-
-logger = logging.getLogger("canvas_store_trio")
 
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a new connection has to send its whole request head (either transport)."""
@@ -65,7 +65,7 @@ class AcceptedSocket(MessageSocket, Protocol):
     """What ``HandshakeRequest.accept()`` returns: ``closed`` is set once it has ended."""
 
     @property
-    def closed(self) -> object: ...
+    def closed(self) -> CloseReason | None: ...
 
 
 @attrs.define(eq=False)
@@ -237,8 +237,14 @@ async def serve_wire_stream(
         await handler(handshake_request(upgrade.request, accept, reject))
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
         pass
-    except Exception as exc:
-        logger.warning("a connection failed and was closed: %r", exc)
+    except Exception as exc:  # a bug in the handler: this connection ends, not the server
+        log_event(
+            logging.ERROR,
+            "connection_failed",
+            "a connection failed and was closed: %r",
+            exc,
+            exc_info=exc,
+        )
     finally:
         await trio.aclose_forcefully(stream)
 
@@ -253,7 +259,8 @@ async def serve_http_stream(stream: trio.abc.Stream, http_handler: HttpHandler) 
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     except Exception as exc:
-        logger.warning("an HTTP connection failed and was closed: %r", exc)
+        log_event(logging.WARNING, "connection_failed",
+                  "an HTTP connection failed and was closed: %r", exc)
     finally:
         await trio.aclose_forcefully(stream)
 
@@ -273,8 +280,9 @@ async def _plain_answer(
     try:
         answered = http_handler(request)
         response = await answered if inspect.isawaitable(answered) else answered
-    except Exception:
-        logger.exception("answering %s %s failed", request.method, request.path)
+    except Exception as exc:  # a bug in the handler: the client gets a 500
+        log_event(logging.ERROR, "http_handler_failed", "answering %s %s failed",
+                  request.method, urlsplit(request.path).path, exc_info=exc)
         response = (500, _TEXT, b"Internal error; the server log has the cause.\n")
     status, content_type, body, *headers = response
     return http_response(status, content_type, body, head_only=request.method == "HEAD",

@@ -21,6 +21,7 @@ from typing import Literal
 import trio
 from trio_websocket import WebSocketConnection, wrap_server_stream
 
+from .._logs import log_event
 from ._handshake import (
     AcceptedSocket,
     HandshakeRequest,
@@ -32,8 +33,6 @@ from ._handshake import (
 from ._http import HttpHandler, default_http_handler
 from ._poller import open_read_poller
 from ._wire import close_frame
-
-logger = logging.getLogger("canvas_store_trio")
 
 Handler = Callable[[HandshakeRequest], Awaitable[None]]
 """Takes the upgrade request, on either transport, and answers it."""
@@ -158,7 +157,9 @@ async def serve_websocket_stream(
             else:
                 nursery.cancel_scope.cancel()  # ends trio-websocket's reader task
     except Exception as exc:
-        logger.warning("a connection failed and was closed: %r", exc)
+        log_event(
+            logging.WARNING, "connection_failed", "a connection failed and was closed: %r", exc
+        )
     finally:
         await trio.aclose_forcefully(stream)
 

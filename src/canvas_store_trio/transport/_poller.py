@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 import outcome
 import trio
 
-logger = logging.getLogger("canvas_store_trio")
+from .._logs import log_event
 
 BATCH_SIZE = 1024
 """Ready sockets served per wake of the poller task before it yields to other tasks.
@@ -126,8 +126,13 @@ class ReadPoller:
         for callback in callbacks:
             try:
                 callback()
-            except Exception:
-                logger.exception("a read poller's after-batch callback failed")
+            except Exception as exc:
+                log_event(
+                    logging.ERROR,
+                    "poller_callback_failed",
+                    "a read poller's after-batch callback failed",
+                    exc_info=exc,
+                )
 
 
 @contextlib.asynccontextmanager

@@ -23,10 +23,9 @@ from collections.abc import Callable, Sequence
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
 
+from .._logs import log_event
 from ._http import HttpRequest
 from ._poller import ReadPoller
-
-logger = logging.getLogger("canvas_store_trio")
 
 RECEIVE_SIZE = 64 * 1024
 
@@ -429,7 +428,9 @@ class WireSocket:
 
     async def _fail(self, violation: _ProtocolViolation) -> None:
         code, reason = violation.code, violation.reason
-        logger.info("closing a connection: %s (%d)", reason, code)
+        # The reader (a session) logs the close with its room and client; this line is
+        # for debugging the transport.
+        log_event(logging.DEBUG, "protocol_error", "closing a connection: %s (%d)", reason, code)
         # After a bad close frame the peer has closed its side: no close to wait for.
         self._peer_closed = self._peer_closed or violation.in_close
         try:
