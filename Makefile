@@ -1,5 +1,5 @@
 # One command each: `make serve` runs the server, `make test` runs every test,
-# `make demo` builds the demo page and serves it.
+# `make demo` builds the demo page and serves it, `make docs` builds the docs site.
 # Each sets up what it needs first: serve installs the runtime dependencies only into
 # .venv; test and lint add the dev extras (and node/node_modules for the Node tests).
 
@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup serve demo test lint
+.PHONY: setup serve demo test lint docs
 
 $(BIN)/canvas-store-trio: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,7 @@ test: setup
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
+
+# The docs site (mkdocs.yml), into site/; --strict makes every warning an error.
+docs: $(VENV)/.dev-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site

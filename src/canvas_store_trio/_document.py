@@ -146,6 +146,8 @@ class Document:
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot, *, track_changes: bool = False) -> Document:
+        """A document holding ``snapshot``. ``track_changes`` keeps the keys each edit
+        writes (``unsaved_keys``), for incremental saves."""
         return cls(
             snapshot.timestamp,
             dict(snapshot.state),

@@ -19,6 +19,7 @@ import orjson
 from ._document import Patch, is_buffer_delta
 
 PROTOCOL_VERSION: Final = 2
+"""The sync protocol version spoken; a ``reconnect`` with another gets ``version-mismatch``."""
 
 MessageId = str | int | float
 

@@ -38,6 +38,7 @@ class ManagerCollector:
         self.manager = manager
 
     def collect(self) -> Iterator[Metric]:
+        """The metrics, built from the manager's counters (prometheus-client calls this)."""
         manager, stats = self.manager, self.manager.stats
         yield GaugeMetricFamily(
             "canvas_store_rooms", "Rooms open, loading and closing ones included.",

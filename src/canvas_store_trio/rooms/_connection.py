@@ -39,6 +39,8 @@ class ConnectRequestError(Exception):
 
 @attrs.frozen
 class ConnectRequest:
+    """What a connect URL asks for (see :func:`parse_connect_url`)."""
+
     room_id: str
     client_id: str
     token: str

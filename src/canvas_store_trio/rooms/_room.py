@@ -166,6 +166,7 @@ class Room:
         self._ready = trio.Event()
         self._closed = trio.Event()
         self.load_error: BaseException | None = None
+        """Why the snapshot could not be loaded, if it could not: the room then never serves."""
 
     # --- lifetime ------------------------------------------------------------------
 
@@ -176,6 +177,7 @@ class Room:
 
     @property
     def closed(self) -> bool:
+        """Whether the room has ended: its sessions are closed and its final flush is done."""
         return self._closed.is_set()
 
     @property
@@ -265,6 +267,7 @@ class Room:
         await self._ready.wait()
 
     async def wait_closed(self) -> None:
+        """Wait until the room has ended (see :attr:`closed`)."""
         await self._closed.wait()
 
     async def wait_accepting_or_closed(self) -> None:
@@ -389,17 +392,21 @@ class Room:
         await self.saver.flush()
 
     def get_snapshot(self) -> Snapshot:
+        """The document as it is now, as a snapshot (a copy: later edits do not change it)."""
         return self.document.snapshot()
 
     # --- sessions ------------------------------------------------------------------
 
     def session_count(self) -> int:
+        """Sessions in the room now."""
         return len(self._sessions)
 
     def get_sessions(self) -> list[SessionInfo]:
+        """Every session in the room now: id, client id, permissions, metadata."""
         return [session.info() for session in self._sessions.values()]
 
     def get_session_permissions(self, session_id: str) -> Permissions | None:
+        """A session's permissions, or None if no session has this id."""
         session = self._sessions.get(session_id)
         return session.permissions if session else None
 
@@ -423,10 +430,12 @@ class Room:
         return True
 
     def get_session_metadata(self, session_id: str) -> Any:
+        """A session's metadata (from the authorize hook), or None if no session has this id."""
         session = self._sessions.get(session_id)
         return session.metadata if session else None
 
     def set_session_metadata(self, session_id: str, metadata: Any) -> None:
+        """Replace a live session's metadata; no-op if no session has this id."""
         session = self._sessions.get(session_id)
         if session:
             session.metadata = metadata

@@ -18,6 +18,7 @@ from ..transport._handshake import MessageSocket
 from ._stats import Stats
 
 Permissions = Literal["readwrite", "readonly"]
+"""What a session may do: ``readwrite`` edits; ``readonly`` edits are acked but not applied."""
 
 
 @runtime_checkable

@@ -67,6 +67,7 @@ class FileBackend:
     dir: Path = attrs.field(converter=Path)
 
     def create_storage(self, room_id: str) -> FileStorage:
+        """The room's :class:`FileStorage` in this folder."""
         return FileStorage(self.dir, room_id)
 
     async def list_room_ids(self) -> list[str]:
@@ -136,6 +137,7 @@ class FileBackend:
         return await trio.to_thread.run_sync(scan)
 
     async def aclose(self) -> None:
+        """Nothing to release: the folder's writer and reader threads are shared."""
         pass
 
     async def __aenter__(self) -> FileBackend:
@@ -156,12 +158,15 @@ class MemoryBackend:
     storages: dict[str, MemoryStorage] = attrs.field(factory=dict)
 
     def create_storage(self, room_id: str) -> MemoryStorage:
+        """The room's :class:`MemoryStorage`, the same one each time."""
         return self.storages.setdefault(room_id, MemoryStorage())
 
     async def list_room_ids(self) -> list[str]:
+        """Rooms saved at least once, sorted."""
         return sorted(k for k, s in self.storages.items() if s.snapshot is not None)
 
     async def aclose(self) -> None:
+        """Nothing to release."""
         pass
 
     async def __aenter__(self) -> MemoryBackend:

@@ -125,7 +125,9 @@ class MemoryStorage:
     snapshot: Snapshot | None = None
 
     async def load(self) -> Snapshot | None:
+        """The snapshot last saved, or None."""
         return self.snapshot
 
     async def save(self, snapshot: Snapshot) -> None:
+        """Keep ``snapshot`` (in memory only)."""
         self.snapshot = snapshot

@@ -307,6 +307,7 @@ class PostgresStorage(SQLRoomWrites):
     room_id: str
 
     async def load(self) -> Snapshot | None:
+        """The room's snapshot from the database, or None if it was never saved."""
         room_id = self.room_id
         where = f"room {room_id!r} in {self.database}"
 
@@ -329,6 +330,7 @@ class PostgresStorage(SQLRoomWrites):
         return await self.database._run(load, f"cannot load room {room_id!r}")
 
     async def save(self, snapshot: Snapshot) -> None:
+        """Replace the room's rows with ``snapshot``, in one transaction."""
         room_id = self.room_id
 
         def save(conn: Connection) -> None:

@@ -237,6 +237,7 @@ class SQLiteStorage(SQLRoomWrites):
     room_id: str
 
     async def load(self) -> Snapshot | None:
+        """The room's snapshot from the database, or None if it was never saved."""
         room_id, where = self.room_id, f"room {self.room_id!r} in {self.database}"
 
         def load(conn: sqlite3.Connection) -> Snapshot | None:
@@ -257,6 +258,7 @@ class SQLiteStorage(SQLRoomWrites):
         return await self.database._run(load, f"cannot load room {room_id!r}")
 
     async def save(self, snapshot: Snapshot) -> None:
+        """Replace the room's rows with ``snapshot``, in one transaction."""
         room_id = self.room_id
 
         def save(conn: sqlite3.Connection) -> None:
