@@ -88,6 +88,21 @@ async def test_a_version_is_kept_at_most_once_per_interval_while_edits_keep_comi
         assert live(storage.versions[40]) == note(34)
 
 
+async def test_a_big_room_is_kept_a_piece_at_a_time_as_it_was(autojump_clock: Any) -> None:
+    storage = CommandedStorage()
+    state = {f"e{i}/c": {"_exists": True, "text": "x" * 100} for i in range(20_000)}
+    await storage.save(Snapshot(1, state, {key: {"_exists": 1} for key in state}))
+    edits = 0
+    async with manager_on(storage, history_interval=60) as manager, \
+            manager.open_room("r") as room:
+        # The first edit begins a version; the next ones run while it is encoded.
+        while not storage.version_saves:
+            await room.apply_patch({f"e{edits}/c": {"text": "changed"}})
+            edits += 1
+    assert edits > 20  # the room went on between pieces (2 MB, 32 KiB a step)
+    assert storage.versions[1].state == state  # yet the version is the room as it was
+
+
 async def test_the_oldest_versions_beyond_keep_are_dropped(autojump_clock: Any) -> None:
     storage = CommandedStorage()
     async with manager_on(storage, history_interval=1, history_keep=3) as manager, \

@@ -4,8 +4,8 @@ When a room's document is about to change and no version was begun for ``interva
 seconds (or since the room loaded), the document as it is, before the change, becomes
 a version. So while edits keep coming a version is kept at most once per interval, and
 the state a room rested in before a burst of edits is always kept, even when the room
-closed and loaded again in between. (A room that was never edited keeps no version of
-its empty document.)
+closed and loaded again in between. (An empty room that was never edited keeps no
+version of its empty document.)
 """
 
 from __future__ import annotations
@@ -72,12 +72,15 @@ class HistoryKeeper:
 
     def before_change(self) -> None:
         """Begin a version of the document as it is, if one is due. Never awaits."""
-        if not self._armed or self.document.timestamp == 0:
+        if not self._armed:
             return
+        document = self.document
+        if not (document.timestamp or document.state):
+            return  # an empty room that was never edited: nothing to go back to
         self._armed = False
-        parts = self.document.encode_in_steps()
+        parts = document.encode_in_steps()
         first = next(parts)  # fixes what the version holds: the document as it is now
-        self._pending = _Begun(self.document.timestamp, trio.current_time(), first, parts)
+        self._pending = _Begun(document.timestamp, trio.current_time(), first, parts)
         self._begun.set()
 
     async def run(self) -> None:
