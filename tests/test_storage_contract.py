@@ -79,6 +79,8 @@ def backend_kind(request: pytest.FixtureRequest) -> Iterator[tuple[str, str | No
         pytest.skip(f"{kind} only saves whole snapshots")
     if kind == "MemoryStorage" and getattr(request.function, "durable", False):
         pytest.skip("memory does not outlive its process, and its saves cannot fail")
+    if kind == "MemoryStorage" and getattr(request.function, "history", False):
+        pytest.skip("memory keeps no history")
     if kind == "PostgresStorage":
         with postgres_schema() as conninfo:
             yield kind, conninfo
@@ -443,11 +445,10 @@ async def test_hostile_room_ids_stay_data(harness: Harness, tmp_path: Path) -> N
 # --- history ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def history(harness: Harness) -> Harness:
-    if harness.kind == "MemoryStorage":
-        pytest.skip("memory keeps no history")
-    return harness
+def history(test: T) -> T:
+    """For tests of the kept versions: not for memory, which keeps none."""
+    test.history = True  # type: ignore[attr-defined]
+    return test
 
 
 def history_of(harness: Harness, room_id: str) -> HistoryStorage:
@@ -469,15 +470,16 @@ async def save_version(storage: HistoryStorage, snapshot: Snapshot, keep: int = 
                                keep=keep)
 
 
-async def test_versions_round_trip_and_are_listed_oldest_first(history: Harness) -> None:
-    storage = history_of(history, "r")
+@history
+async def test_versions_round_trip_and_are_listed_oldest_first(harness: Harness) -> None:
+    storage = history_of(harness, "r")
     assert await storage.list_versions() == []
     assert await storage.load_version(1) is None
     before = datetime.now(UTC) - timedelta(seconds=5)
     for n in (30, 10, 20):
         await save_version(storage, version_snapshot(n))
-    await history.restart()
-    storage = history_of(history, "r")
+    await harness.restart()
+    storage = history_of(harness, "r")
     versions = await storage.list_versions()
     assert [v.version for v in versions] == [10, 20, 30]
     for v in versions:
@@ -486,13 +488,14 @@ async def test_versions_round_trip_and_are_listed_oldest_first(history: Harness)
     assert await storage.load_version(25) is None
     # Versions are no room: the room itself was never saved.
     assert await storage.load() is None
-    assert await history.backend.list_room_ids() == []
+    assert await harness.backend.list_room_ids() == []
 
 
+@history
 async def test_a_version_saved_again_is_replaced_and_the_oldest_are_dropped(
-    history: Harness,
+    harness: Harness,
 ) -> None:
-    storage = history_of(history, "r")
+    storage = history_of(harness, "r")
     for n in range(1, 6):
         await save_version(storage, version_snapshot(n), keep=3)
         assert [v.version for v in await storage.list_versions()] == list(
@@ -505,24 +508,26 @@ async def test_a_version_saved_again_is_replaced_and_the_oldest_are_dropped(
     assert [v.version for v in await storage.list_versions()] == [6]
 
 
-async def test_each_room_keeps_its_own_versions(history: Harness) -> None:
+@history
+async def test_each_room_keeps_its_own_versions(harness: Harness) -> None:
     ids = ["a", "a.history", *HOSTILE_ROOM_IDS]
     for n, room_id in enumerate(ids, start=1):
-        await save_version(history_of(history, room_id), version_snapshot(n, room_id), keep=1)
-    await history.restart()
+        await save_version(history_of(harness, room_id), version_snapshot(n, room_id), keep=1)
+    await harness.restart()
     for n, room_id in enumerate(ids, start=1):
-        storage = history_of(history, room_id)
+        storage = history_of(harness, room_id)
         assert [v.version for v in await storage.list_versions()] == [n], room_id
         kept = await storage.load_version(n)
         assert kept is not None and kept.state["room/c"]["id"] == room_id
-    assert await history.backend.list_room_ids() == []
+    assert await harness.backend.list_room_ids() == []
 
 
+@history
 async def test_a_room_keeps_versions_as_it_changes_and_one_is_restored(
-    history: Harness,
+    harness: Harness,
 ) -> None:
-    storage = history_of(history, "board")
-    async with RoomManager(create_storage=history.backend.create_storage, save_throttle=0.01,
+    storage = history_of(harness, "board")
+    async with RoomManager(create_storage=harness.backend.create_storage, save_throttle=0.01,
                            history_interval=0.05) as manager, \
             manager.open_room("board") as room:
         for n in range(3):
@@ -543,9 +548,9 @@ async def test_a_room_keeps_versions_as_it_changes_and_one_is_restored(
     assert one.state == {"note/c": {"_exists": True, "text": "v0"}, "first/c": {"_exists": True}}
     assert (await storage.load_version(3) or Snapshot()).state["note/c"]["text"] == "v2"
 
-    restored = await restore_version(history.backend, "board", 1)
-    await history.restart()
-    loaded = await history.backend.create_storage("board").load()
+    restored = await restore_version(harness.backend, "board", 1)
+    await harness.restart()
+    loaded = await harness.backend.create_storage("board").load()
     assert as_json(loaded) == as_json(restored)
     assert loaded is not None and loaded.timestamp == 5  # an edit over timestamp 4
     assert loaded.state == one.state
