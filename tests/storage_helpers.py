@@ -14,8 +14,9 @@ import functools
 import os
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -31,6 +32,8 @@ from canvas_store_trio import (
     Snapshot,
     Storage,
     StorageError,
+    VersionInfo,
+    decode_snapshot,
 )
 
 POSTGRES_ENV = "CANVAS_STORE_TEST_POSTGRES"
@@ -164,6 +167,8 @@ class CommandedStorage:
 
     ``load`` returns what was committed (and saved). A save of a snapshot newer than the
     last commit would make uncommitted edits durable: it is recorded in ``early_saves``.
+    It keeps versions too (a :class:`HistoryStorage`): each ``save_version`` is recorded
+    in ``version_saves`` as ``(version, timestamp committed then, trio time)``.
     """
 
     records: dict[str, RecordChange] = attrs.Factory(dict)
@@ -173,6 +178,8 @@ class CommandedStorage:
     saves: list[Snapshot] = attrs.Factory(list)
     early_saves: list[Snapshot] = attrs.Factory(list)
     fail_next: bool = False
+    versions: dict[int, Snapshot] = attrs.Factory(dict)
+    version_saves: list[tuple[int, int, float]] = attrs.Factory(list)
     _gate: trio.Event | None = None
 
     async def load(self) -> Snapshot | None:
@@ -200,6 +207,19 @@ class CommandedStorage:
         self.commits.append(changes)
         self.records.update(changes.records)
         self.timestamp = changes.timestamp
+
+    async def save_version(self, version: int, parts: Sequence[bytes], *, keep: int) -> None:
+        await trio.lowlevel.checkpoint()
+        self.version_saves.append((version, self.timestamp, trio.current_time()))
+        self.versions[version] = decode_snapshot(b"".join(parts))
+        for old in sorted(self.versions)[:-keep]:
+            del self.versions[old]
+
+    async def list_versions(self) -> list[VersionInfo]:
+        return [VersionInfo(v, datetime.now(UTC)) for v in sorted(self.versions)]
+
+    async def load_version(self, version: int) -> Snapshot | None:
+        return self.versions.get(version)
 
     def block(self) -> None:
         self._gate = trio.Event()

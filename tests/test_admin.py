@@ -1,7 +1,8 @@
 """The admin API (issue 16): every endpoint, with and without the token, on a real server.
 
 A real ``serve`` process with ``--admin-token``, real HTTP requests, and real clients
-connected while their room is inspected, replaced, closed and their sessions changed.
+connected while their room is inspected, replaced, restored to a version, closed and
+their sessions changed.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ async def test_every_endpoint_refuses_a_missing_or_wrong_token(tmp_path: Path) -
                              ("GET", "/admin/rooms/r/snapshot"),
                              ("PUT", "/admin/rooms/r/snapshot"),
                              ("POST", "/admin/rooms/r/close"),
+                             ("GET", "/admin/rooms/r/history"),
+                             ("POST", "/admin/rooms/r/history/1/restore"),
                              ("DELETE", "/admin/rooms/r/sessions/s"),
                              ("PATCH", "/admin/rooms/r/sessions/s"),
                              ("GET", "/admin/nothing")]:
@@ -262,3 +265,84 @@ async def test_request_bodies_need_a_length_and_fit_the_limit(tmp_path: Path) ->
             while data := await stream.receive_some():
                 answer += data
         assert answer.startswith(b"HTTP/1.1 400") and b"ended before" in answer
+
+
+async def wait_for_versions(server: Server, room: str, count: int) -> list[dict[str, Any]]:
+    with trio.fail_after(5):
+        while True:
+            status, _, body = await call(server, "GET", f"/admin/rooms/{room}/history")
+            assert status == 200, body
+            if len(body["versions"]) >= count:
+                return list(body["versions"])
+            await trio.sleep(0.02)
+
+
+async def test_a_version_is_restored_while_a_client_stays_connected(tmp_path: Path) -> None:
+    async with admin_server(tmp_path, "--history-interval", "0.05") as server:
+        status, _, body = await call(server, "GET", "/admin/rooms/r/history")
+        assert (status, body) == (200, {"room_id": "r", "versions": []})
+        async with client(server, "r", "alice") as alice, client(server, "r", "bob") as bob:
+            await alice.reconnect()
+            await bob.reconnect()
+            await edit(alice, "m1", create("keep/c", v=1) | create("change/c", v=1, extra=1)
+                       | create("gone/c", v=1))
+            await trio.sleep(0.1)
+            # This edit keeps version 1: the document as it was before it.
+            await edit(alice, "m2", create("change/c", v=2) | {"gone/c": {"_exists": False}}
+                       | create("new/c", v=2) | {"keep/c": {"v": 3}})
+            (version,) = await wait_for_versions(server, "r", 1)
+            assert (version["version"], version["timestamp"]) == (1, 1)
+            assert version["saved_at"].endswith("+00:00")
+            await bob.drain()
+            await trio.sleep(0.1)  # past the interval: the restore keeps a version too
+
+            status, _, body = await call(server, "POST", "/admin/rooms/r/history/1/restore")
+            assert (status, body) == (200, {"room_id": "r", "version": 1, "timestamp": 3})
+            # Both keep their sessions and see the document go back through a patch.
+            for c in (alice, bob):
+                frames = await c.receive_until("patch")
+                (patch,) = [f for f in frames if f["type"] == "patch"]
+                assert patch["clientId"] == "@server" and patch["timestamp"] == 3
+                changes: dict[str, Any] = {}
+                for p in patch["documentPatches"]:
+                    for key, record in p.items():
+                        changes[key] = {**changes.get(key, {}), **record}
+                assert changes == {
+                    "keep/c": {"_exists": True, "v": 1},
+                    "change/c": {"_exists": True, "v": 1, "extra": 1},
+                    "gone/c": {"_exists": True, "v": 1},
+                    "new/c": {"_exists": False},
+                }
+            # Answered once saved (the save throttle is 10 minutes).
+            saved = decode_snapshot((tmp_path / "r.json").read_bytes())
+            assert saved.timestamp == 3
+            assert {k: r for k, r in saved.state.items() if r.get("_exists") is not False} == (
+                create("keep/c", v=1) | create("change/c", v=1, extra=1) | create("gone/c", v=1))
+            # The restore was an edit like any: the state it replaced is version 2 now.
+            versions = await wait_for_versions(server, "r", 2)
+            assert [v["version"] for v in versions] == [1, 2]
+            await edit(bob, "b1", create("after/c", v=5))  # still working sessions
+            frames = await alice.receive_until("patch")
+            assert frames[-1]["documentPatches"] == [create("after/c", v=5)]
+
+
+async def test_history_endpoints_refuse_what_they_cannot_do(tmp_path: Path) -> None:
+    async with admin_server(tmp_path, "--history-interval", "60") as server:
+        cases = [
+            ("POST", "/admin/rooms/r/history/7/restore", 404, "no version 7"),
+            ("POST", "/admin/rooms/r/history/x/restore", 400, "not 'x'"),
+            ("POST", "/admin/rooms/r/history/-1/restore", 400, "not '-1'"),
+            ("GET", "/admin/rooms/r/history/7/restore", 405, "not allowed"),
+            ("POST", "/admin/rooms/r/history", 405, "not allowed"),
+            ("GET", "/admin/rooms/a%00b/history", 400, "NUL"),
+        ]
+        for method, path, status, words in cases:
+            got, _, body = await call(server, method, path)
+            assert got == status, (method, path, body)
+            assert words in body["error"], (method, path, body)
+        assert (await call(server, "GET", "/admin/rooms"))[2] == {"rooms": []}  # none loaded
+    async with server_process("--memory", "--admin-token", TOKEN) as server:
+        for method, path in [("GET", "/admin/rooms/r/history"),
+                             ("POST", "/admin/rooms/r/history/1/restore")]:
+            status, _, body = await call(server, method, path)
+            assert status == 404 and "keeps no history" in body["error"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -98,6 +99,33 @@ async def test_postgres_refuses_a_database_from_a_newer_release(pg_conninfo: str
     async with PostgresDatabase(pg_conninfo) as db:
         with pytest.raises(StorageError, match=r"schema version .* upgrade"):
             await db.create_storage("r").load()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_a_database_of_schema_1_gains_the_history_table_and_keeps_its_rooms(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import canvas_store_trio.storage._sql as sql
+
+    def database() -> SQLiteDatabase | PostgresDatabase:
+        if kind == "sqlite":
+            return SQLiteDatabase(tmp_path / "rooms.db")
+        return PostgresDatabase(conninfo)
+
+    with postgres_schema() if kind == "postgres" else contextlib.nullcontext("") as conninfo:
+        monkeypatch.setattr(sql, "MIGRATIONS", sql.MIGRATIONS[:1])  # an older release
+        monkeypatch.setattr(sql, "SCHEMA_VERSION", 1)
+        async with database() as db:
+            await db.create_storage("r").save(Snapshot(4, {"a/c": {"_exists": True}}, {}))
+            with pytest.raises(StorageError, match="canvas_store_history"):
+                await db.create_storage("r").list_versions()
+        monkeypatch.undo()
+        async with database() as db:
+            storage = db.create_storage("r")
+            assert (await storage.load()) == Snapshot(4, {"a/c": {"_exists": True}}, {})
+            await storage.save_version(4, [b'{"timestamp":4,"state":{},"timestamps":{}}'],
+                                       keep=5)
+            assert [v.version for v in await storage.list_versions()] == [4]
 
 
 # --- failures --------------------------------------------------------------------------

@@ -4,7 +4,8 @@ MemoryStorage, FileStorage, SQLiteStorage and PostgresStorage all: round-trip a
 snapshot exactly, keep tombstones, end up with the full snapshot after a room's
 incremental saves, stay whole under concurrent saves and loads, keep the previous state
 when a save dies before it commits (even by a killed process), and treat any room id
-as data, never as a path or as SQL.
+as data, never as a path or as SQL. All but memory keep a room's versions (history):
+listed oldest first, pruned to the newest N, kept by rooms that change, and restored.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import random
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,12 +26,16 @@ import trio
 
 from canvas_store_trio import (
     Changes,
+    HistoryStorage,
     IncrementalStorage,
     RecordChange,
+    RoomManager,
     Snapshot,
     StorageError,
     encode_snapshot,
+    restore_version,
 )
+from canvas_store_trio._document import encode_snapshot_parts
 from canvas_store_trio.storage._backends import FileBackend, MemoryBackend, StorageBackend
 from canvas_store_trio.storage._postgres import PostgresDatabase
 from canvas_store_trio.storage._sqlite import SQLiteDatabase
@@ -73,6 +79,8 @@ def backend_kind(request: pytest.FixtureRequest) -> Iterator[tuple[str, str | No
         pytest.skip(f"{kind} only saves whole snapshots")
     if kind == "MemoryStorage" and getattr(request.function, "durable", False):
         pytest.skip("memory does not outlive its process, and its saves cannot fail")
+    if kind == "MemoryStorage" and getattr(request.function, "history", False):
+        pytest.skip("memory keeps no history")
     if kind == "PostgresStorage":
         with postgres_schema() as conninfo:
             yield kind, conninfo
@@ -432,3 +440,119 @@ async def test_hostile_room_ids_stay_data(harness: Harness, tmp_path: Path) -> N
     if harness.kind == "FileStorage":
         assert len(os.listdir(tmp_path / "data")) == len(HOSTILE_ROOM_IDS)
     assert not Path("x.json").exists()
+
+
+# --- history ------------------------------------------------------------------------
+
+
+def history(test: T) -> T:
+    """For tests of the kept versions: not for memory, which keeps none."""
+    test.history = True  # type: ignore[attr-defined]
+    return test
+
+
+def history_of(harness: Harness, room_id: str) -> HistoryStorage:
+    storage = harness.backend.create_storage(room_id)
+    assert isinstance(storage, HistoryStorage)
+    return storage
+
+
+def version_snapshot(n: int, room_id: str = "r") -> Snapshot:
+    state = {f"e{i}/c": {"_exists": True, "v": value, "n": n}
+             for i, value in enumerate(ODD_VALUES)}
+    state["gone/c"] = {"_exists": False}
+    state["room/c"] = {"_exists": True, "id": room_id}
+    return Snapshot(n, state, {key: {"_exists": n} for key in state})
+
+
+async def save_version(storage: HistoryStorage, snapshot: Snapshot, keep: int = 10) -> None:
+    await storage.save_version(snapshot.timestamp, list(encode_snapshot_parts(snapshot, 7)),
+                               keep=keep)
+
+
+@history
+async def test_versions_round_trip_and_are_listed_oldest_first(harness: Harness) -> None:
+    storage = history_of(harness, "r")
+    assert await storage.list_versions() == []
+    assert await storage.load_version(1) is None
+    before = datetime.now(UTC) - timedelta(seconds=5)
+    for n in (30, 10, 20):
+        await save_version(storage, version_snapshot(n))
+    await harness.restart()
+    storage = history_of(harness, "r")
+    versions = await storage.list_versions()
+    assert [v.version for v in versions] == [10, 20, 30]
+    for v in versions:
+        assert before <= v.saved_at <= datetime.now(UTC) + timedelta(seconds=5)
+    assert as_json(await storage.load_version(20)) == as_json(version_snapshot(20))
+    assert await storage.load_version(25) is None
+    # Versions are no room: the room itself was never saved.
+    assert await storage.load() is None
+    assert await harness.backend.list_room_ids() == []
+
+
+@history
+async def test_a_version_saved_again_is_replaced_and_the_oldest_are_dropped(
+    harness: Harness,
+) -> None:
+    storage = history_of(harness, "r")
+    for n in range(1, 6):
+        await save_version(storage, version_snapshot(n), keep=3)
+        assert [v.version for v in await storage.list_versions()] == list(
+            range(max(1, n - 2), n + 1))
+    again = Snapshot(5, {"a/c": {"_exists": True}}, {})
+    await save_version(storage, again, keep=3)
+    assert [v.version for v in await storage.list_versions()] == [3, 4, 5]
+    assert as_json(await storage.load_version(5)) == as_json(again)
+    await save_version(storage, version_snapshot(6), keep=1)
+    assert [v.version for v in await storage.list_versions()] == [6]
+
+
+@history
+async def test_each_room_keeps_its_own_versions(harness: Harness) -> None:
+    ids = ["a", "a.history", *HOSTILE_ROOM_IDS]
+    for n, room_id in enumerate(ids, start=1):
+        await save_version(history_of(harness, room_id), version_snapshot(n, room_id), keep=1)
+    await harness.restart()
+    for n, room_id in enumerate(ids, start=1):
+        storage = history_of(harness, room_id)
+        assert [v.version for v in await storage.list_versions()] == [n], room_id
+        kept = await storage.load_version(n)
+        assert kept is not None and kept.state["room/c"]["id"] == room_id
+    assert await harness.backend.list_room_ids() == []
+
+
+@history
+async def test_a_room_keeps_versions_as_it_changes_and_one_is_restored(
+    harness: Harness,
+) -> None:
+    storage = history_of(harness, "board")
+    async with RoomManager(create_storage=harness.backend.create_storage, save_throttle=0.01,
+                           history_interval=0.05) as manager, \
+            manager.open_room("board") as room:
+        for n in range(3):
+            await room.apply_patch({"note/c": {"_exists": True, "text": f"v{n}"}}
+                                   | ({} if n else {"first/c": {"_exists": True}}))
+            with trio.fail_after(5):
+                while len(await storage.list_versions()) < n:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.06)
+        await room.apply_patch({"first/c": {"_exists": False}})
+        with trio.fail_after(5):
+            while len(await storage.list_versions()) < 3:
+                await trio.sleep(0.01)
+    # The state before each edit (the empty room aside) became a version.
+    assert [v.version for v in await storage.list_versions()] == [1, 2, 3]
+    one = await storage.load_version(1)
+    assert one is not None
+    assert one.state == {"note/c": {"_exists": True, "text": "v0"}, "first/c": {"_exists": True}}
+    assert (await storage.load_version(3) or Snapshot()).state["note/c"]["text"] == "v2"
+
+    restored = await restore_version(harness.backend, "board", 1)
+    await harness.restart()
+    loaded = await harness.backend.create_storage("board").load()
+    assert as_json(loaded) == as_json(restored)
+    assert loaded is not None and loaded.timestamp == 5  # an edit over timestamp 4
+    assert loaded.state == one.state
+    assert loaded.timestamps["note/c"]["text"] == 5
+    assert loaded.timestamps["first/c"]["_exists"] == 5

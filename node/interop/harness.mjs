@@ -174,10 +174,12 @@ export class ServerProcess {
   /**
    * `durableAcks`: true or false passes `--durable-acks` or `--no-durable-acks` to the server
    * under test (the reference has no such flag and acks from memory); undefined passes none.
+   * `trioArgs`: more options, for canvas-store-trio only (the reference gets none of them).
    */
-  constructor({ dataDir, saveThrottle = 0.3, idleTimeout = 2, authorize = false, name = 'server', command, durableAcks } = {}) {
+  constructor({ dataDir, saveThrottle = 0.3, idleTimeout = 2, authorize = false, name = 'server', command, durableAcks, trioArgs = [] } = {}) {
     this.command = command
     this.durableAcks = durableAcks
+    this.trioArgs = trioArgs
     this.dataDir = dataDir ?? makeDataDir()
     this.ownsDataDir = dataDir === undefined
     this.saveThrottle = saveThrottle
@@ -215,6 +217,7 @@ export class ServerProcess {
       args.push(this.durableAcks ? '--durable-acks' : '--no-durable-acks')
     }
     if (this.authorize) args.push('--authorize', process.env.CANVAS_STORE_AUTHORIZE ?? 'interop_auth:authorize')
+    if (!IS_REFERENCE) args.push(...this.trioArgs)
     this.generation += 1
     const gen = this.generation
     this.output += `\n=== ${this.name} start #${gen}: ${[cmd, ...args].join(' ')}\n`

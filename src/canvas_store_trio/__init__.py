@@ -47,13 +47,16 @@ from .storage._backends import MemoryBackend as MemoryBackend
 from .storage._backends import StorageBackend as StorageBackend
 from .storage._backends import open_storage_backend as open_storage_backend
 from .storage._base import CommitGroup as CommitGroup
+from .storage._base import HistoryStorage as HistoryStorage
 from .storage._base import IncrementalStorage as IncrementalStorage
 from .storage._base import JournalStorage as JournalStorage
 from .storage._base import MemoryStorage as MemoryStorage
 from .storage._base import Storage as Storage
 from .storage._base import StorageError as StorageError
 from .storage._base import StreamingStorage as StreamingStorage
+from .storage._base import VersionInfo as VersionInfo
 from .storage._files import FileStorage as FileStorage
+from .storage._history import restore_version as restore_version
 from .storage._postgres import PostgresDatabase as PostgresDatabase
 from .storage._postgres import PostgresStorage as PostgresStorage
 from .storage._sqlite import SQLiteDatabase as SQLiteDatabase

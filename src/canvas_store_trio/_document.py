@@ -97,6 +97,29 @@ def has_content(patches: Sequence[Patch] | None) -> bool:
     return bool(patches) and any(patches)  # type: ignore[arg-type]
 
 
+def replacement_patches(current: Mapping[str, Record], wanted: Mapping[str, Record]) -> list[Patch]:
+    """The document patches that make a document whose state is ``current`` hold exactly
+    the live records of ``wanted`` (key -> record): at most two, applied as one edit.
+
+    Keys ``wanted`` lacks (or holds as tombstones) are deleted, records that differ are
+    written anew (deleted and re-created in the same edit when they lose a field), and
+    the rest is left alone. No patch at all when nothing differs.
+    """
+    live = {
+        key: {"_exists": True, **record}
+        for key, record in wanted.items()
+        if record.get("_exists") is not False
+    }
+    deletions: Patch = {}
+    for key, record in current.items():
+        if record.get("_exists") is not False:
+            target = live.get(key)
+            if target is None or record.keys() - target.keys():
+                deletions[key] = TOMBSTONE
+    writes = {key: record for key, record in live.items() if record != current.get(key)}
+    return [patch for patch in (deletions, writes) if patch]
+
+
 @attrs.frozen
 class Snapshot:
     """A room's whole persistent state, in the Node server's file format.

@@ -1,4 +1,4 @@
-"""``canvas-store-trio serve``: the ready-made server."""
+"""``canvas-store-trio serve``: the ready-made server; and the commands on storage."""
 
 from __future__ import annotations
 
@@ -22,9 +22,11 @@ from .._protocol import Limits
 from ..auth._jwt import JWTAuthorizer
 from ..ops import ADMIN_TOKEN_ENV, metrics_registry, ops_http_handler, watch_loop_lag
 from ..rooms._connection import Authorize, serve_connection
+from ..rooms._history import DEFAULT_HISTORY_KEEP
 from ..rooms._manager import RoomManager
 from ..storage._backends import FileBackend, MemoryBackend, StorageBackend, open_storage_backend
 from ..storage._base import StorageError
+from ..storage._history import add_history_commands, run_history_command
 from ..storage._transfer import TransferError, add_transfer_commands, run_transfer_command
 from ..transport._handshake import HandshakeRequest
 from ..transport._http import HttpHandler, HttpRequest, HttpResponse, default_http_handler
@@ -94,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         metavar="SECONDS",
         help="seconds an empty room stays open (60)",
+    )
+    serve.add_argument(
+        "--history-interval",
+        type=_option_type("float | None"),
+        default=None,
+        metavar="SECONDS",
+        help="keep a version of each room at most this often while it changes (off)",
+    )
+    serve.add_argument(
+        "--history-keep",
+        type=_option_type("int"),
+        default=DEFAULT_HISTORY_KEEP,
+        metavar="N",
+        help=f"versions each room keeps; older ones are dropped ({DEFAULT_HISTORY_KEEP})",
     )
     serve.add_argument(
         "--authorize",
@@ -174,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{field.metadata['help']} ({default})",
         )
     add_transfer_commands(commands)
+    add_history_commands(commands)
     return parser
 
 
@@ -310,6 +327,16 @@ def durable_acks(args: argparse.Namespace) -> bool:
     return DURABLE_ACKS_DEFAULT if args.durable_acks is None else bool(args.durable_acks)
 
 
+def history_options(args: argparse.Namespace) -> tuple[float | None, int]:
+    """``--history-interval`` (None: off) and ``--history-keep``, checked."""
+    interval, keep = args.history_interval, args.history_keep
+    if interval is not None and interval <= 0:
+        raise UsageError(f"--history-interval {interval:g}: must be above 0 (or off)")
+    if keep < 1:
+        raise UsageError(f"--history-keep {keep}: must be at least 1")
+    return interval, keep
+
+
 def open_backend(args: argparse.Namespace) -> StorageBackend:
     """Where ``serve`` keeps rooms: ``--storage URL``, ``--memory``, or ``--data-dir``.
 
@@ -347,7 +374,10 @@ async def serve(
     limits = limits_from(args)
     port = serve_port(args)
     durable = durable_acks(args)
+    history_interval, history_keep = history_options(args)
     backend = open_backend(args)
+    if history_interval is not None and isinstance(backend, MemoryBackend):
+        raise UsageError("--history-interval: memory storage keeps no history")
     http_handler: HttpHandler = default_http_handler
     if args.demo:
         if args.transport != "wire":
@@ -376,6 +406,8 @@ async def serve(
                 save_throttle=args.save_throttle,
                 create_storage=backend.create_storage,
                 durable_acks=durable,
+                history_interval=history_interval,
+                history_keep=history_keep,
                 limits=limits,
             ) as manager,
             trio.open_nursery() as nursery,
@@ -423,6 +455,8 @@ async def serve(
             port = listeners[0].socket.getsockname()[1]
             url = f"ws://{args.host}:{port}"
             where = f"{backend}, " + ("acks once durable" if durable else "acks once in memory")
+            if history_interval is not None:
+                where += f", a version at most every {history_interval:g} s"
             log_event(
                 logging.INFO,
                 "listening",
@@ -499,6 +533,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.command == "serve":
             trio.run(serve, args)
+        elif args.command == "history":
+            log_event(logging.INFO, "history_done", "%s", trio.run(run_history_command, args))
         else:
             log_event(logging.INFO, "transfer_done", "%s", trio.run(run_transfer_command, args))
     except BaseException as exc:
@@ -514,8 +550,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 )
                 raise SystemExit(1) from None
             raise
+        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
         if json_lines:
-            log_event(logging.ERROR, "usage_error", "canvas-store-trio %s: %s", args.command, error)
+            log_event(logging.ERROR, "usage_error", "canvas-store-trio %s: %s", command, error)
         else:
-            print(f"canvas-store-trio {args.command}: {error}", file=sys.stderr)
+            print(f"canvas-store-trio {command}: {error}", file=sys.stderr)
         raise SystemExit(2) from None

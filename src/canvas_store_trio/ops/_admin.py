@@ -9,29 +9,37 @@ request must carry ``Authorization: Bearer TOKEN``, compared in constant time.
 | ``GET /admin/rooms/{id}`` | an open room's sessions (permissions, metadata) and size |
 | ``GET /admin/rooms/{id}/snapshot`` | the room's snapshot, in the Node file format |
 | ``PUT /admin/rooms/{id}/snapshot`` | replace the document with a snapshot's state |
+| ``GET /admin/rooms/{id}/history`` | the versions the room keeps, oldest first |
+| ``POST /admin/rooms/{id}/history/{version}/restore`` | go back to a version's state |
 | ``POST /admin/rooms/{id}/close`` | close the room's sessions, save it, end it |
 | ``DELETE /admin/rooms/{id}/sessions/{session}`` | close one session |
 | ``PATCH /admin/rooms/{id}/sessions/{session}`` | ``{"permissions": ...}`` |
 
 Ids in the path are percent-decoded. Errors are ``{"error": message}`` with a 4xx
-status; the snapshot endpoints load a room that is not open, and it idle-closes later.
+status; the snapshot and restore endpoints load a room that is not open, and it
+idle-closes later. The history is read from storage, whether the room is open or not.
 """
 
 from __future__ import annotations
 
 import hmac
-from typing import Any, NoReturn
+from collections.abc import Awaitable, Mapping
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import orjson
 
-from .._document import SnapshotError, decode_snapshot, encode_snapshot
+from .._document import Record, SnapshotError, decode_snapshot, encode_snapshot
 from .._protocol import ProtocolError
 from ..rooms._commits import CommitError
 from ..rooms._connection import MAX_ID_LENGTH
 from ..rooms._manager import ManagerClosedError, RoomLoadError, RoomManager, TooManyRoomsError
 from ..rooms._room import Room, RoomClosedError
+from ..storage._base import HistoryStorage
+from ..storage._history import versions_json
 from ..transport._http import HttpRequest, HttpResponse
+
+T = TypeVar("T")
 
 ADMIN_TOKEN_ENV = "CANVAS_STORE_ADMIN_TOKEN"
 _JSON = "application/json"
@@ -93,6 +101,13 @@ class AdminAPI:
                 if method == "PUT":
                     return await self._replace(room_id, request.body)
                 return await self._snapshot(room_id)
+            case ["rooms", room_id, "history"]:
+                _allow(method, "GET")
+                versions = await self._storage_call(self._history(room_id).list_versions())
+                return _json(200, versions_json(room_id, versions))
+            case ["rooms", room_id, "history", version, "restore"]:
+                _allow(method, "POST")
+                return await self._restore(room_id, version)
             case ["rooms", room_id, "close"]:
                 _allow(method, "POST")
                 self._open_room(room_id)
@@ -150,9 +165,14 @@ class AdminAPI:
             snapshot = decode_snapshot(body)
         except SnapshotError as exc:
             _refuse(400, f"not a snapshot: {exc}")
+        timestamp = await self._replace_state(room_id, snapshot.state)
+        return _json(200, {"room_id": room_id, "timestamp": timestamp})
+
+    async def _replace_state(self, room_id: str, state: Mapping[str, Record]) -> int:
+        """``room.replace_state(state)`` on the room, loaded if need be; once saved."""
         try:
             async with self.manager.open_room(room_id) as room:
-                timestamp = await room.replace_state(snapshot.state)
+                timestamp = await room.replace_state(state)
                 try:
                     await room.flush()  # answered once saved
                 except Exception as exc:  # the storage's: applied, saved on a retry
@@ -162,7 +182,32 @@ class AdminAPI:
         except (RoomLoadError, TooManyRoomsError, ManagerClosedError, RoomClosedError,
                 CommitError) as exc:
             _refuse(503, str(exc) or "the room closed meanwhile")
-        return _json(200, {"room_id": room_id, "timestamp": timestamp})
+        return timestamp
+
+    def _history(self, room_id: str) -> HistoryStorage:
+        _check_id(room_id)
+        create = self.manager.create_storage
+        storage = create(room_id) if create is not None else None
+        if not isinstance(storage, HistoryStorage):
+            _refuse(404, "this server's storage keeps no history")
+        return storage
+
+    @staticmethod
+    async def _storage_call(call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except Exception as exc:  # the storage's: it cannot read the history now
+            _refuse(503, f"the history cannot be read: {exc}")
+
+    async def _restore(self, room_id: str, version: str) -> HttpResponse:
+        storage = self._history(room_id)
+        if not version.isascii() or not version.isdigit():
+            _refuse(400, f"a version is a room timestamp (0, 1, ...), not {version!r}")
+        kept = await self._storage_call(storage.load_version(int(version)))
+        if kept is None:
+            _refuse(404, f"room {room_id!r} has no version {version}")
+        timestamp = await self._replace_state(room_id, kept.state)
+        return _json(200, {"room_id": room_id, "version": int(version), "timestamp": timestamp})
 
     @staticmethod
     def _set_permissions(room: Room, session_id: str, body: bytes) -> HttpResponse:

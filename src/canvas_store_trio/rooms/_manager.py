@@ -13,6 +13,7 @@ import trio
 from .._logs import log_event
 from .._protocol import Limits
 from ..storage._base import Storage
+from ._history import DEFAULT_HISTORY_KEEP
 from ._room import (
     DocumentPatchHook,
     MessageSocket,
@@ -56,6 +57,12 @@ class RoomManager:
     ``durable_acks=True`` acks an edit only once it is durable (see :class:`Room`); every
     storage ``create_storage`` makes must then be a
     :class:`~canvas_store_trio.JournalStorage` (file, SQLite and PostgreSQL storage are).
+
+    ``history_interval=SECONDS`` keeps versions of each room's document: while a room
+    changes, the document as it was before a change is kept at most once per interval,
+    and the ``history_keep`` newest versions are kept (see :class:`Room`). Every storage
+    must then be a :class:`~canvas_store_trio.HistoryStorage` (file, SQLite and
+    PostgreSQL storage are).
     """
 
     def __init__(
@@ -66,6 +73,8 @@ class RoomManager:
         flush_timeout: float = 10.0,
         create_storage: Callable[[str], Storage] | None = None,
         durable_acks: bool = False,
+        history_interval: float | None = None,
+        history_keep: int = DEFAULT_HISTORY_KEEP,
         on_session_removed: SessionRemovedHook | None = None,
         on_document_patch: DocumentPatchHook | None = None,
         on_token_refresh: TokenRefreshHook | None = None,
@@ -78,6 +87,14 @@ class RoomManager:
             raise ValueError("durable acks need a storage: pass create_storage")
         self.create_storage = create_storage
         self.durable_acks = durable_acks
+        if history_interval is not None and not history_interval > 0:
+            raise ValueError(f"history_interval must be > 0 seconds, not {history_interval!r}")
+        if history_keep < 1:
+            raise ValueError(f"history_keep must be at least 1, not {history_keep!r}")
+        if history_interval is not None and create_storage is None:
+            raise ValueError("history needs a storage: pass create_storage")
+        self.history_interval = history_interval
+        self.history_keep = history_keep
         self.on_session_removed = on_session_removed
         self.on_document_patch = on_document_patch
         self.on_token_refresh = on_token_refresh
@@ -169,6 +186,8 @@ class RoomManager:
             idle_timeout=self.idle_timeout,
             flush_timeout=self.flush_timeout,
             durable_acks=self.durable_acks,
+            history_interval=self.history_interval,
+            history_keep=self.history_keep,
             limits=self.limits,
             on_session_removed=self.on_session_removed,
             on_document_patch=self.on_document_patch,

@@ -24,7 +24,14 @@ import orjson
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
 
-from .._document import TOMBSTONE, EphemeralState, Patch, Record, Snapshot, has_content
+from .._document import (
+    EphemeralState,
+    Patch,
+    Record,
+    Snapshot,
+    has_content,
+    replacement_patches,
+)
 from .._logs import log_event
 from .._protocol import (
     AuthRefreshMessage,
@@ -42,10 +49,11 @@ from .._protocol import (
     synced_frame,
     version_mismatch_frame,
 )
-from ..storage._base import JournalStorage, Storage
+from ..storage._base import HistoryStorage, JournalStorage, Storage
 from ..transport._handshake import MessageSocket
 from ._commits import CommitError, Committer
 from ._feed import Change, ChangeFeed
+from ._history import DEFAULT_HISTORY_KEEP, HistoryKeeper
 from ._keepalive import keep_alive
 from ._saver import Saver
 from ._session import (
@@ -105,6 +113,11 @@ class Room:
     ``flush_timeout``, closes every session with 1013 (try again later) and ends the
     room without saving what was not committed: the clients reconnect to a room loaded
     afresh, and resend their unacked edits.
+
+    With ``history_interval`` (``storage`` must then be a
+    :class:`~canvas_store_trio.HistoryStorage`), the room keeps versions of its
+    document, at most one per interval while it changes, and the ``history_keep``
+    newest of them (see :class:`~._history.HistoryKeeper`).
     """
 
     def __init__(
@@ -116,6 +129,8 @@ class Room:
         idle_timeout: float = 30.0,
         flush_timeout: float = 10.0,
         durable_acks: bool = False,
+        history_interval: float | None = None,
+        history_keep: int = DEFAULT_HISTORY_KEEP,
         limits: Limits | None = None,
         on_session_removed: SessionRemovedHook | None = None,
         on_document_patch: DocumentPatchHook | None = None,
@@ -130,6 +145,14 @@ class Room:
             raise TypeError(
                 f"durable acks need a storage with commit() (a JournalStorage), not {storage!r}"
             )
+        if history_interval is not None and not implements(storage, HistoryStorage):
+            raise TypeError(
+                f"history needs a storage with save_version() (a HistoryStorage), not {storage!r}"
+            )
+        self._history_interval = history_interval
+        self._history_keep = history_keep
+        self.history: HistoryKeeper | None = None
+        """Set once the room has loaded, with a history interval."""
         self.saver = Saver(
             room_id,
             storage,
@@ -227,11 +250,22 @@ class Room:
                 stats=self.stats,
             )
             self.saver.commit_gate = self.committer.commit_through
+        if self._history_interval is not None:
+            self.history = HistoryKeeper(
+                self.room_id,
+                cast(HistoryStorage, self.saver.storage),
+                self.document,
+                interval=self._history_interval,
+                keep=self._history_keep,
+                commit_gate=self.saver.commit_gate,
+            )
         self._set_accepting(True)
         self._ready.set()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.saver.run)
+                if self.history is not None:
+                    nursery.start_soon(self.history.run)
                 if self.limits.ping_interval is not None:
                     nursery.start_soon(
                         functools.partial(
@@ -652,20 +686,7 @@ class Room:
         raises as it does. Returns the edit's timestamp (the current one if nothing
         differs).
         """
-        wanted = {
-            key: {"_exists": True, **record}
-            for key, record in state.items()
-            if record.get("_exists") is not False
-        }
-        current = self.document.state
-        deletions: Patch = {}
-        for key, record in current.items():
-            if record.get("_exists") is not False:
-                target = wanted.get(key)
-                if target is None or record.keys() - target.keys():
-                    deletions[key] = TOMBSTONE
-        writes = {key: record for key, record in wanted.items() if record != current.get(key)}
-        return await self._server_edit([p for p in (deletions, writes) if p], None)
+        return await self._server_edit(replacement_patches(self.document.state, state), None)
 
     async def _server_edit(self, patches: list[Patch], ephemeral: Patch | None) -> int:
         if not self._accepting:
@@ -861,6 +882,8 @@ class Room:
                     "invalid-component", "a value cannot be encoded as JSON again"
                 ) from None
         if will_change:
+            if self.history is not None:
+                self.history.before_change()
             self.document.apply(document_patches)
         if ephemeral_patches:
             self.ephemeral.apply(client_id, ephemeral_patches)

@@ -13,25 +13,34 @@ A backend that can make a batch of edits durable quickly also implements
 ``commit(changes)`` (:class:`JournalStorage`): with durable acks on, a room acks an edit
 only once a ``commit`` holding it has returned. Files append to a journal; the SQL
 backends run one transaction for every room's pending edits.
+
+A backend that keeps past versions of a room also implements
+:class:`HistoryStorage`: with a history interval set, the room hands it the whole
+document, encoded, at most once per interval while it changes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
+import trio
 
 from .._document import Changes, Snapshot
 
 __all__ = [
     "CommitGroup",
+    "HistoryStorage",
     "IncrementalStorage",
     "JournalStorage",
     "MemoryStorage",
     "Storage",
     "StorageError",
     "StreamingStorage",
+    "VersionInfo",
+    "take_parts",
 ]
 
 
@@ -118,6 +127,45 @@ class StreamingStorage(Storage, Protocol):
         ...
 
 
+@attrs.frozen
+class VersionInfo:
+    """One kept version of a room."""
+
+    version: int
+    """Its id: the room timestamp of the document it holds (ids only grow, as the
+    room timestamp does)."""
+    saved_at: datetime
+    """When it was stored (UTC)."""
+
+
+@runtime_checkable
+class HistoryStorage(Storage, Protocol):
+    """A storage that also keeps past versions of its room, each a whole snapshot.
+
+    Versions live beside the room's snapshot and never change it: saving, listing and
+    loading one touches only the history.
+    """
+
+    async def save_version(self, version: int, parts: Sequence[bytes], *, keep: int) -> None:
+        """Store the snapshot whose encoding (:func:`encode_snapshot_parts`'s format) is
+        ``parts`` as ``version`` (its room timestamp; one already kept under that id is
+        replaced), durably and all or nothing, then drop the oldest versions beyond the
+        ``keep`` newest. Raise on failure (the history is then as it was). Cancelled, the
+        write still runs to its end; the caller only stops waiting."""
+        ...
+
+    async def list_versions(self) -> list[VersionInfo]:
+        """Every kept version, oldest first (empty if none). Creates nothing."""
+        ...
+
+    async def load_version(self, version: int) -> Snapshot | None:
+        """The snapshot kept as ``version``, or None if there is no such version.
+
+        Raise (:class:`StorageError`, :class:`SnapshotError`) when it exists but cannot
+        be read."""
+        ...
+
+
 @attrs.define
 class MemoryStorage:
     """Keeps the snapshot in memory: for tests, demos and ``serve --memory``."""
@@ -131,3 +179,24 @@ class MemoryStorage:
     async def save(self, snapshot: Snapshot) -> None:
         """Keep ``snapshot`` (in memory only)."""
         self.snapshot = snapshot
+
+
+YIELD_EVERY_BYTES = 32 * 1024
+""":func:`take_parts` yields to the event loop each time this much more of an encoding
+has been taken: after about every piece of a big document (a piece of 1000 keys is some
+tens of KiB), not at all for a room of a hundred keys."""
+
+
+async def take_parts(parts: Iterable[bytes]) -> list[bytes]:
+    """Every part of an encoding (:meth:`Document.encode_in_steps`), taken on the event
+    loop, yielding each :data:`YIELD_EVERY_BYTES`: a big document never holds the loop
+    for long, and a small one costs no extra step. Cancelled, it stops taking."""
+    taken = []
+    unyielded = 0
+    for part in parts:
+        taken.append(part)
+        unyielded += len(part)
+        if unyielded >= YIELD_EVERY_BYTES:
+            await trio.sleep(0)
+            unyielded = 0
+    return taken

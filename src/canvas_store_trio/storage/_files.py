@@ -10,6 +10,11 @@ With durable acks a room also has a journal, ``<room>.journal`` beside the snaps
 the next save folds it into the snapshot. Appends are jobs of the same writer thread, so
 the commits of many rooms of one folder cost one hand-off a batch, and an append and a
 snapshot write of one folder never run at once.
+
+With a history interval, a room's past versions are kept in ``<room>.history/``, a folder
+beside the snapshot holding one Node-format snapshot per version, ``<version>.json``
+(see :meth:`FileStorage.save_version`). Room listings, exports, imports and journal
+folding look at files of the room folder only, so they never see it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Generic, Self, TypeVar
 
@@ -38,10 +44,10 @@ from .._document import (
     decode_snapshot,
     encode_snapshot_parts,
 )
-from ._base import StorageError
+from ._base import StorageError, VersionInfo, take_parts
 from ._journal import JournalFile, JournalRecord, JournalScan, encode_record, replay, scan_journal
 
-__all__ = ["FileStorage", "journal_file_name", "room_file_name"]
+__all__ = ["FileStorage", "history_folder_name", "journal_file_name", "room_file_name"]
 
 from .._logs import log_event
 
@@ -68,6 +74,11 @@ def journal_file_name(room_id: str) -> str:
     return room_file_name(room_id)[: -len(".json")] + ".journal"
 
 
+def history_folder_name(room_id: str) -> str:
+    """The name of the folder of a room's versions: its snapshot's, ending ``.history``."""
+    return room_file_name(room_id)[: -len(".json")] + ".history"
+
+
 def room_id_from_file_name(name: str, suffix: str = ".json") -> str | None:
     """The room id a file name was made from, or None if it is not a room file.
 
@@ -84,11 +95,6 @@ def room_id_from_file_name(name: str, suffix: str = ".json") -> str | None:
             return None
     return stem if _PLAIN_ROOM_ID.fullmatch(stem) else None
 
-
-YIELD_EVERY_BYTES = 32 * 1024
-""":meth:`FileStorage.save_encoded` yields to the event loop each time this much more of
-the encoding has been taken: after about every piece of a big document (a piece of 1000
-keys is some tens of KiB), not at all for a room of a hundred keys."""
 
 _temp_names = itertools.count()
 
@@ -544,6 +550,8 @@ class FileStorage:
 
     Durable commits (:meth:`commit`) append to the room's journal, ``<room>.journal``
     (:mod:`._journal`); :meth:`load` replays it over the snapshot, and a save folds it in.
+    Versions (:class:`~canvas_store_trio.HistoryStorage`) are files of the folder
+    ``<room>.history``.
     ``needs_fold`` is True after a load that found a journal, until a save succeeds: the
     room should then save soon, so that the journal is folded even if nothing changes.
     """
@@ -560,6 +568,8 @@ class FileStorage:
     """The snapshot, ``<room>.json``."""
     journal_path: Path = attrs.field(init=False, repr=False, eq=False)
     """The journal, ``<room>.journal``."""
+    history_path: Path = attrs.field(init=False, repr=False, eq=False)
+    """The folder of its versions, ``<room>.history``."""
 
     @path.default
     def _default_path(self) -> Path:
@@ -568,6 +578,10 @@ class FileStorage:
     @journal_path.default
     def _default_journal_path(self) -> Path:
         return self.dir / journal_file_name(self.room_id)
+
+    @history_path.default
+    def _default_history_path(self) -> Path:
+        return self.dir / history_folder_name(self.room_id)
 
     @property
     def commit_group(self) -> FolderWriter:
@@ -645,7 +659,7 @@ class FileStorage:
         ready: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Take the parts on the event loop, yielding whenever another
-        :data:`YIELD_EVERY_BYTES` have been taken (so a big document never holds it for
+        :data:`~._base.YIELD_EVERY_BYTES` have been taken (so a big document never holds it for
         long, and a small one costs no extra steps), then write, fsync and rename in a
         worker thread (:class:`FolderWriter`).
 
@@ -662,7 +676,7 @@ class FileStorage:
         Cancelled while the thread writes, the write still runs to its end.
         """
         async with self._lock:
-            taken = await _take(parts)
+            taken = await take_parts(parts)
             if ready is not None:
                 await ready()
             await self._write(taken, fold_through)
@@ -695,19 +709,88 @@ class FileStorage:
             if replayed is None or replayed is stored:
                 await self._write(None, None if replayed is None else replayed.timestamp)
             else:
-                parts = await _take(encode_snapshot_parts(replayed, chunk_size=1000))
+                parts = await take_parts(encode_snapshot_parts(replayed, chunk_size=1000))
                 await self._write(parts, replayed.timestamp)
             return True
 
+    # --- history ---------------------------------------------------------------------
 
-async def _take(parts: Iterable[bytes]) -> list[bytes]:
-    """Every part, yielding to the event loop each :data:`YIELD_EVERY_BYTES`."""
-    taken = []
-    unyielded = 0
-    for part in parts:
-        taken.append(part)
-        unyielded += len(part)
-        if unyielded >= YIELD_EVERY_BYTES:
-            await trio.sleep(0)
-            unyielded = 0
-    return taken
+    async def save_version(self, version: int, parts: Sequence[bytes], *, keep: int) -> None:
+        """Write ``<room>.history/<version>.json`` (temp file, fsync, rename), remove the
+        oldest versions beyond the ``keep`` newest, and fsync the folder once, all in a
+        worker thread. Raises :class:`StorageError`. Cancelled, the thread still runs to
+        its end: a version is never half written (the rename makes it whole or absent).
+        """
+        try:
+            await trio.to_thread.run_sync(_save_version, self.history_path, version, parts, keep)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot keep version {version} in {self.history_path}: {exc.strerror}"
+            ) from None
+
+    async def list_versions(self) -> list[VersionInfo]:
+        """The files of ``<room>.history``, oldest first; ``saved_at`` is each file's
+        modification time. No folder, no versions."""
+        try:
+            return await trio.to_thread.run_sync(_list_versions, self.history_path)
+        except OSError as exc:
+            raise StorageError(f"cannot list {self.history_path}: {exc.strerror}") from None
+
+    async def load_version(self, version: int) -> Snapshot | None:
+        """``<room>.history/<version>.json``, read and parsed in a worker thread."""
+        path = self.history_path / f"{version}.json"
+        try:
+            return await trio.to_thread.run_sync(_read_snapshot, path)
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror}") from None
+
+
+_VERSION_FILE = re.compile(r"(0|[1-9][0-9]*)\.json")
+
+
+def _version_files(folder: Path) -> dict[int, os.DirEntry[str]]:
+    """The version files of a history folder, by version (none if there is no folder)."""
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return {}
+    found = {}
+    for entry in entries:
+        match = _VERSION_FILE.fullmatch(entry.name)
+        if match is not None and entry.is_file():
+            found[int(match[1])] = entry
+    return found
+
+
+def _save_version(folder: Path, version: int, parts: Sequence[bytes], keep: int) -> None:
+    created = not folder.is_dir()
+    if created:
+        folder.mkdir(parents=True, exist_ok=True)
+    write_file_atomically(folder / f"{version}.json", parts, sync_folder=False)
+    for old in sorted(_version_files(folder))[:-keep]:
+        (folder / f"{old}.json").unlink(missing_ok=True)
+    fsync_folder(folder)
+    if created:
+        fsync_folder(folder.parent)
+
+
+def _list_versions(folder: Path) -> list[VersionInfo]:
+    versions = []
+    for version, entry in sorted(_version_files(folder).items()):
+        try:
+            saved_at = datetime.fromtimestamp(entry.stat().st_mtime, UTC)
+        except FileNotFoundError:  # pruned meanwhile
+            continue
+        versions.append(VersionInfo(version, saved_at))
+    return versions
+
+
+def _read_snapshot(path: Path) -> Snapshot | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return decode_snapshot(data)
+    except SnapshotError as exc:
+        raise SnapshotError(f"{path} is not a valid snapshot ({exc})") from None

@@ -13,15 +13,17 @@ UTF-8, and turned back on the way out, so every id a client can send stays stora
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import UTC
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import trio
 
 from .._document import Snapshot
-from ._base import StorageError
+from ._base import StorageError, VersionInfo
 from ._sql import (
+    HISTORY_TABLE,
     MIGRATIONS_TABLE,
     RECORDS_TABLE,
     ROOMS_TABLE,
@@ -32,6 +34,7 @@ from ._sql import (
     pending_migrations,
     snapshot_from_rows,
     snapshot_rows,
+    version_snapshot,
 )
 
 if TYPE_CHECKING:
@@ -54,6 +57,16 @@ _UPSERT_RECORD = (
     f"INSERT INTO {RECORDS_TABLE} (room, key, record, timestamps) VALUES (%s, %s, %s, %s) "
     "ON CONFLICT (room, key) DO UPDATE SET record = excluded.record, "
     "timestamps = excluded.timestamps"
+)
+_UPSERT_VERSION = (
+    f"INSERT INTO {HISTORY_TABLE} (room, version, saved_at, snapshot) "
+    "VALUES (%s, %s, now(), %b) "
+    "ON CONFLICT (room, version) DO UPDATE SET saved_at = excluded.saved_at, "
+    "snapshot = excluded.snapshot"
+)
+_PRUNE_VERSIONS = (
+    f"DELETE FROM {HISTORY_TABLE} WHERE room = %s AND version NOT IN "
+    f"(SELECT version FROM {HISTORY_TABLE} WHERE room = %s ORDER BY version DESC LIMIT %s)"
 )
 _ESCAPE = "\x01"
 
@@ -300,7 +313,9 @@ class PostgresStorage(SQLRoomWrites):
     :meth:`save` replaces the room's rows (``DELETE`` then ``COPY``); :meth:`save_changes`
     upserts only the keys that changed and the room timestamp. Either is one
     transaction, so a reader never sees half a save. :meth:`commit` (for durable acks)
-    is :meth:`save_changes` sharing a transaction with other rooms.
+    is :meth:`save_changes` sharing a transaction with other rooms. Its versions
+    (:class:`~canvas_store_trio.HistoryStorage`) are rows of ``canvas_store_history``;
+    :meth:`save_version` writes one and prunes in one transaction.
     """
 
     database: PostgresDatabase
@@ -350,3 +365,39 @@ class PostgresStorage(SQLRoomWrites):
 
         await self.database._run(save, f"cannot save room {room_id!r}")
 
+    async def save_version(self, version: int, parts: Sequence[bytes], *, keep: int) -> None:
+        room_id = self.room_id
+
+        def save(conn: Connection) -> None:
+            pg_id = _to_pg(room_id)
+            conn.execute(_UPSERT_VERSION, (pg_id, version, b"".join(parts)))
+            conn.execute(_PRUNE_VERSIONS, (pg_id, pg_id, keep))
+            _commit(conn)
+
+        await self.database._run(save, f"cannot keep version {version} of room {room_id!r}")
+
+    async def list_versions(self) -> list[VersionInfo]:
+        room_id = self.room_id
+
+        def query(conn: Connection) -> list[VersionInfo]:
+            rows = conn.execute(
+                f"SELECT version, saved_at FROM {HISTORY_TABLE} WHERE room = %s "
+                "ORDER BY version",
+                (_to_pg(room_id),),
+            ).fetchall()
+            return [VersionInfo(version, at.astimezone(UTC)) for version, at in rows]
+
+        return await self.database._run(query, f"cannot list the versions of room {room_id!r}")
+
+    async def load_version(self, version: int) -> Snapshot | None:
+        room_id = self.room_id
+        where = f"version {version} of room {room_id!r} in {self.database}"
+
+        def query(conn: Connection) -> Snapshot | None:
+            row = conn.execute(
+                f"SELECT snapshot FROM {HISTORY_TABLE} WHERE room = %s AND version = %s",
+                (_to_pg(room_id), version),
+            ).fetchone()
+            return None if row is None else version_snapshot(row[0], where)
+
+        return await self.database._run(query, f"cannot load {where}")

@@ -1,7 +1,7 @@
 """What the SQL backends share: the schema, its versioned migrations, row encoding.
 
 Both SQLite (:mod:`._sqlite`) and PostgreSQL (:mod:`._postgres`) keep rooms in the
-same two tables:
+same tables:
 
 ``canvas_store_rooms``
     one row per room: ``id``, the room ``timestamp`` and ``updated_at``.
@@ -9,6 +9,11 @@ same two tables:
     one row per key: ``room``, ``key``, ``record`` (the record as JSON) and
     ``timestamps`` (its field timestamps as JSON), primary key ``(room, key)``.
     Tombstones are rows like any other (``{"_exists": false}``).
+``canvas_store_history``
+    the kept versions (schema version 2): ``room``, ``version`` (the room timestamp of
+    the snapshot it holds), ``saved_at`` and ``snapshot`` (the whole snapshot, encoded
+    in the Node file format), primary key ``(room, version)``. No foreign key: a room
+    may keep a version before its first save.
 
 ``canvas_store_schema_migrations`` lists the migrations applied to a database, one row
 per version. A backend applies the missing ones, in one transaction, the first time it
@@ -34,13 +39,14 @@ import attrs
 import orjson
 import trio
 
-from .._document import Changes, Snapshot, SnapshotError, snapshot_from_json
+from .._document import Changes, Snapshot, SnapshotError, decode_snapshot, snapshot_from_json
 from .._logs import log_event
 from ._base import StorageError
 
 ROOMS_TABLE = "canvas_store_rooms"
 RECORDS_TABLE = "canvas_store_records"
 MIGRATIONS_TABLE = "canvas_store_schema_migrations"
+HISTORY_TABLE = "canvas_store_history"
 
 
 @attrs.frozen
@@ -84,6 +90,28 @@ MIGRATIONS: tuple[Migration, ...] = (
                 record JSON,
                 timestamps JSON,
                 PRIMARY KEY (room, key)
+            )""",
+        ),
+    ),
+    Migration(
+        version=2,
+        description="history: kept versions of rooms",
+        sqlite=(
+            f"""CREATE TABLE {HISTORY_TABLE} (
+                room TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                saved_at TEXT NOT NULL,
+                snapshot BLOB NOT NULL,
+                PRIMARY KEY (room, version)
+            )""",
+        ),
+        postgres=(
+            f"""CREATE TABLE {HISTORY_TABLE} (
+                room TEXT COLLATE "C" NOT NULL,
+                version BIGINT NOT NULL,
+                saved_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                snapshot BYTEA NOT NULL,
+                PRIMARY KEY (room, version)
             )""",
         ),
     ),
@@ -153,6 +181,14 @@ def snapshot_rows(snapshot: Snapshot) -> list[tuple[str, str | None, str | None]
         if key not in state:
             rows.append((key, None, dump_json(field_ts)))
     return rows
+
+
+def version_snapshot(data: bytes, where: str) -> Snapshot:
+    """The snapshot a history row holds. Raise :class:`SnapshotError` naming ``where``."""
+    try:
+        return decode_snapshot(data)
+    except SnapshotError as exc:
+        raise SnapshotError(f"{where} is not a valid snapshot ({exc})") from None
 
 
 def change_rows(changes: Changes) -> list[tuple[str, str, str]]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -20,8 +21,9 @@ import attrs
 import trio
 
 from .._document import Snapshot
-from ._base import StorageError
+from ._base import StorageError, VersionInfo
 from ._sql import (
+    HISTORY_TABLE,
     MIGRATIONS_TABLE,
     RECORDS_TABLE,
     ROOMS_TABLE,
@@ -32,6 +34,7 @@ from ._sql import (
     pending_migrations,
     snapshot_from_rows,
     snapshot_rows,
+    version_snapshot,
 )
 
 __all__ = ["SQLiteDatabase", "SQLiteStorage"]
@@ -50,6 +53,15 @@ _UPSERT_RECORD = (
     "timestamps = excluded.timestamps"
 )
 _INSERT_RECORD = f"INSERT INTO {RECORDS_TABLE} (room, key, record, timestamps) VALUES (?, ?, ?, ?)"
+_UPSERT_VERSION = (
+    f"INSERT INTO {HISTORY_TABLE} (room, version, saved_at, snapshot) VALUES (?, ?, {_NOW}, ?) "
+    "ON CONFLICT (room, version) DO UPDATE SET saved_at = excluded.saved_at, "
+    "snapshot = excluded.snapshot"
+)
+_PRUNE_VERSIONS = (
+    f"DELETE FROM {HISTORY_TABLE} WHERE room = ? AND version NOT IN "
+    f"(SELECT version FROM {HISTORY_TABLE} WHERE room = ? ORDER BY version DESC LIMIT ?)"
+)
 
 
 def _commit(conn: sqlite3.Connection) -> None:
@@ -230,7 +242,10 @@ class SQLiteStorage(SQLRoomWrites):
 
     :meth:`save` replaces the room's rows; :meth:`save_changes` upserts only the keys
     that changed and the room timestamp. Either is one transaction. :meth:`commit` (for
-    durable acks) is :meth:`save_changes` sharing a transaction with other rooms.
+    durable acks) is :meth:`save_changes` sharing a transaction with other rooms. Its
+    versions (:class:`~canvas_store_trio.HistoryStorage`) are rows of
+    ``canvas_store_history``; :meth:`save_version` writes one and prunes in one
+    transaction.
     """
 
     database: SQLiteDatabase
@@ -270,6 +285,43 @@ class SQLiteStorage(SQLRoomWrites):
             _commit(conn)
 
         await self.database._run(save, f"cannot save room {room_id!r}")
+
+    async def save_version(self, version: int, parts: Sequence[bytes], *, keep: int) -> None:
+        room_id = self.room_id
+
+        def save(conn: sqlite3.Connection) -> None:
+            data = b"".join(parts)
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(_UPSERT_VERSION, (room_id, version, data))
+            conn.execute(_PRUNE_VERSIONS, (room_id, room_id, keep))
+            _commit(conn)
+
+        await self.database._run(save, f"cannot keep version {version} of room {room_id!r}")
+
+    async def list_versions(self) -> list[VersionInfo]:
+        room_id = self.room_id
+
+        def query(conn: sqlite3.Connection) -> list[VersionInfo]:
+            rows = conn.execute(
+                f"SELECT version, saved_at FROM {HISTORY_TABLE} WHERE room = ? ORDER BY version",
+                (room_id,),
+            ).fetchall()
+            return [VersionInfo(version, datetime.fromisoformat(at)) for version, at in rows]
+
+        return await self.database._run(query, f"cannot list the versions of room {room_id!r}")
+
+    async def load_version(self, version: int) -> Snapshot | None:
+        room_id = self.room_id
+        where = f"version {version} of room {room_id!r} in {self.database}"
+
+        def query(conn: sqlite3.Connection) -> Snapshot | None:
+            row = conn.execute(
+                f"SELECT snapshot FROM {HISTORY_TABLE} WHERE room = ? AND version = ?",
+                (room_id, version),
+            ).fetchone()
+            return None if row is None else version_snapshot(row[0], where)
+
+        return await self.database._run(query, f"cannot load {where}")
 
 
 

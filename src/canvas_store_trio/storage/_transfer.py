@@ -33,8 +33,10 @@ from ._files import room_file_name, room_id_from_file_name, write_file_atomicall
 
 __all__ = [
     "TransferError",
+    "add_storage_options",
     "add_transfer_commands",
     "backend_from_args",
+    "check_exists",
     "copy_rooms",
     "export_room",
     "export_room_to_file",
@@ -251,7 +253,7 @@ def add_transfer_commands(commands: argparse._SubParsersAction[argparse.Argument
         "-o", "--output", metavar="FILE", help="where to write (stdout; with --all, a folder)"
     )
     export.add_argument("--force", action="store_true", help="with --all: replace existing files")
-    _add_storage_options(export, "read from")
+    add_storage_options(export, "read from")
 
     imp = commands.add_parser(
         "import",
@@ -266,10 +268,10 @@ def add_transfer_commands(commands: argparse._SubParsersAction[argparse.Argument
         "--from-dir", type=Path, metavar="DIR", help="import every ROOM.json in this folder"
     )
     imp.add_argument("--force", action="store_true", help="replace rooms that already exist")
-    _add_storage_options(imp, "write to")
+    add_storage_options(imp, "write to")
 
 
-def _add_storage_options(parser: argparse.ArgumentParser, verb: str) -> None:
+def add_storage_options(parser: argparse.ArgumentParser, verb: str) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
         "--storage",
@@ -290,7 +292,7 @@ def backend_from_args(args: argparse.Namespace) -> StorageBackend:
     return FileBackend(getattr(args, "data_dir", None) or Path("data"))
 
 
-def _check_exists(backend: StorageBackend) -> None:
+def check_exists(backend: StorageBackend) -> None:
     """Raise :class:`TransferError` if the folder or SQLite file to read from is missing.
 
     Reading must create nothing: opening a missing SQLite file would make an empty one.
@@ -318,7 +320,7 @@ async def run_transfer_command(args: argparse.Namespace) -> str:
 
     source = backend_from_args(args)
     if args.command == "export":
-        _check_exists(source)
+        check_exists(source)
     async with source as backend:
         if args.command == "export":
             if args.all:
