@@ -263,7 +263,7 @@ class Room:
         self._ready.set()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.saver.run)
+                self.saver.attach(nursery)
                 if self.history is not None:
                     nursery.start_soon(self.history.run)
                 if self.limits.ping_interval is not None:
@@ -279,6 +279,7 @@ class Room:
                 await self._wait_until_idle_or_closed()
                 nursery.cancel_scope.cancel()
         finally:
+            self.saver.attach(None)
             # Frames stop now. With durable acks, what was applied is committed before
             # the sessions close, so that its acks go out with their last frames.
             self._frames_stopped = True
@@ -515,9 +516,8 @@ class Room:
         try:
             with session.cancel_scope:
                 async with trio.open_nursery() as nursery:
-                    session.nursery = nursery
+                    session.start(nursery)
                     try:
-                        nursery.start_soon(session.run_writer)
                         ended = await self._read_frames(session, socket)
                         session.close(1000, "")
                     finally:

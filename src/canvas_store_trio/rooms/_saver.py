@@ -65,6 +65,8 @@ class Saver:
         self._track_changes = durable or self._incremental is not None
         self.document = Document(unsaved_keys=set() if self._track_changes else None)
         self._unsaved = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._running = False
         self._lock = trio.Lock()
         self.error: BaseException | None = None
         """The last save failure (without its traceback), or None once a save succeeds."""
@@ -76,6 +78,17 @@ class Saver:
 
     def mark_unsaved(self) -> None:
         self._unsaved.set()
+        if not self._running and self._nursery is not None:
+            self._running = True
+            self._nursery.start_soon(self.run)
+
+    def attach(self, nursery: trio.Nursery | None) -> None:
+        """Run :meth:`run` in ``nursery`` from the first unsaved change on (at once if
+        there is one); None once the nursery closes. A room that is only read never
+        starts the task."""
+        self._nursery = nursery
+        if nursery is not None and self.unsaved:
+            self.mark_unsaved()
 
     def discard(self) -> None:
         """Never save again: what is unsaved now must not reach storage (a commit of it

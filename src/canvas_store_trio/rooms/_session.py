@@ -144,10 +144,10 @@ class Session:
     and returns at once, and then :meth:`flush_nowait` (through the room's pending
     list), which writes the queue straight to the socket when the kernel takes it, with
     no task switch. What the socket cannot take now is sent by :meth:`run_writer`, the
-    session's writer task. A session whose queue outgrows ``outbox_max_bytes`` is closed
-    (1008) rather than buffered without bound. :meth:`close` may be called from anywhere
-    and more than once: it records the first close code and cancels the session's tasks,
-    whose clean-up sends the close frame.
+    session's writer task, started the first time it is needed. A session whose queue
+    outgrows ``outbox_max_bytes`` is closed (1008) rather than buffered without bound.
+    :meth:`close` may be called from anywhere and more than once: it records the first
+    close code and cancels the session's tasks, whose clean-up sends the close frame.
     """
 
     def __init__(
@@ -178,6 +178,7 @@ class Session:
         self._flush_queued = False
         self._raw = cast(RawWriter, socket) if implements(socket, RawWriter) else None
         self._outbox_ready = trio.Event()
+        self._writer_started = False
         self.close_code: int | None = None
         self.close_reason = ""
         self.cancel_scope = trio.CancelScope()
@@ -246,13 +247,29 @@ class Session:
         if not self.outbox:
             return
         if self._raw is None:
-            self._outbox_ready.set()
+            self._wake_writer()
             return
         try:
             if not self._raw.write_nowait(self._raw.frame_text(self._take_outbox())):
-                self._outbox_ready.set()
+                self._wake_writer()
         except ConnectionClosed:
             self.close(1006, "")
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Run the session's tasks in ``nursery`` from now on (the room's ``serve``
+        does this once the session has joined, and sets :attr:`nursery` back to None as
+        the nursery closes)."""
+        self.nursery = nursery
+        if self._outbox_ready.is_set():
+            self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        """Hand the queue to :meth:`run_writer`, started the first time it is needed:
+        most sessions' sockets take every write at once, and never need one."""
+        self._outbox_ready.set()
+        if not self._writer_started and self.nursery is not None:
+            self._writer_started = True
+            self.nursery.start_soon(self.run_writer)
 
     async def run_writer(self) -> None:
         """Send whatever :meth:`flush_nowait` could not, until cancelled or disconnected."""
