@@ -34,6 +34,8 @@ from ..rooms._room import Room, RoomClosedError
 from ..transport._http import HttpRequest, HttpResponse
 
 ADMIN_TOKEN_ENV = "CANVAS_STORE_ADMIN_TOKEN"
+"""The environment variable ``serve`` takes the admin token from without ``--admin-token``
+(which a process listing would show)."""
 _JSON = "application/json"
 
 
