@@ -3,8 +3,9 @@
 The package's docstrings use Sphinx roles (:class:`RoomManager`, :meth:`Room.flush`,
 ``:func:`~canvas_store_trio.ops.metrics_text```), which Markdown would show as they are.
 This rewrites each to a code span, linked (through mkdocs-autorefs) when the target is a
-public name that the API reference renders: a name exported by ``canvas_store_trio`` or
-``canvas_store_trio.ops``, or a public member of one. Other targets (private helpers)
+public name that the API reference renders: a name exported by ``canvas_store_trio``,
+``canvas_store_trio.ops``, ``canvas_store_trio.client`` or ``canvas_store_trio.testing``,
+or a public member of one. Other targets (private helpers)
 stay plain code. A leading ``~`` shows only the last part of the name, as in Sphinx.
 
 It also shows each ``Limits`` field as its default, with its ``serve --help`` text as
@@ -19,7 +20,12 @@ from typing import Any
 
 import griffe
 
-PUBLIC_MODULES = ("canvas_store_trio", "canvas_store_trio.ops")
+PUBLIC_MODULES = (
+    "canvas_store_trio",
+    "canvas_store_trio.ops",
+    "canvas_store_trio.client",
+    "canvas_store_trio.testing",
+)
 ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|exc|data|obj|mod):`(~?)([\w.]+)(?:\(\))?`")
 
 
@@ -38,14 +44,23 @@ class SphinxRoles(griffe.Extension):
 
 
 def _public_paths(loader: griffe.GriffeLoader) -> dict[str, str]:
-    """Canonical path -> the public path the reference renders it under."""
+    """Canonical path -> the public path the reference renders it under.
+
+    A module's public names are its aliases of the package's own objects, not named
+    ``_*`` (``testing`` also imports ``annotations``, ``importlib``, ``Any``...).
+    """
     public: dict[str, str] = {}
     for module_path in PUBLIC_MODULES:
         module = loader.modules_collection.get_member(module_path)
         for name, member in module.members.items():
             if name.startswith("_") or not member.is_alias:
                 continue
-            target = member.final_target
+            try:
+                target = member.final_target
+            except griffe.AliasResolutionError:
+                continue  # a name from outside the package
+            if not target.path.startswith("canvas_store_trio."):
+                continue
             public.setdefault(target.path, f"{module_path}.{name}")
             if target.is_class:
                 for child_name in target.members:

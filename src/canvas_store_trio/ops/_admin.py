@@ -42,6 +42,8 @@ from ..transport._http import HttpRequest, HttpResponse
 T = TypeVar("T")
 
 ADMIN_TOKEN_ENV = "CANVAS_STORE_ADMIN_TOKEN"
+"""The environment variable ``serve`` takes the admin token from without ``--admin-token``
+(which a process listing would show)."""
 _JSON = "application/json"
 
 
