@@ -287,6 +287,8 @@ class SQLiteStorage(SQLRoomWrites):
         await self.database._run(save, f"cannot save room {room_id!r}")
 
     async def save_version(self, version: int, parts: Sequence[bytes], *, keep: int) -> None:
+        """Store the encoded snapshot ``parts`` as ``version`` of the room (replacing one
+        with that id) and drop all but its ``keep`` newest versions, in one transaction."""
         room_id = self.room_id
 
         def save(conn: sqlite3.Connection) -> None:
@@ -299,6 +301,7 @@ class SQLiteStorage(SQLRoomWrites):
         await self.database._run(save, f"cannot keep version {version} of room {room_id!r}")
 
     async def list_versions(self) -> list[VersionInfo]:
+        """The room's versions, oldest first."""
         room_id = self.room_id
 
         def query(conn: sqlite3.Connection) -> list[VersionInfo]:
@@ -311,6 +314,7 @@ class SQLiteStorage(SQLRoomWrites):
         return await self.database._run(query, f"cannot list the versions of room {room_id!r}")
 
     async def load_version(self, version: int) -> Snapshot | None:
+        """The snapshot kept as ``version``, or None if the room keeps no such version."""
         room_id = self.room_id
         where = f"version {version} of room {room_id!r} in {self.database}"
 
