@@ -72,7 +72,14 @@ async def run(rooms: int, frames: int, warmup: int) -> float:
                 stream, HttpRequest("GET", "/", {}), max_message_size=1 << 20, poller=poller
             )
             session = Session(
-                ws, f"c{r}-{c}", "readwrite", None, outbox_max_bytes=1 << 22, pending=pending
+                ws,
+                room.room_id,
+                f"c{r}-{c}",
+                "readwrite",
+                None,
+                outbox_max_bytes=1 << 22,
+                pending=pending,
+                stats=room.stats,
             )
             room._add_session(session)
             ws._on_message = functools.partial(room._handle_frame, session)
