@@ -180,6 +180,9 @@ class Room:
         """Set while the room accepts sessions, and once it has closed: what a join
         waits for while the room loads or closes (see :meth:`wait_accepting_or_closed`)."""
         self._idle_scope = trio.CancelScope()
+        self._serving = 0
+        """Sessions whose :meth:`serve` has not returned (their socket not closed yet)."""
+        self._all_served = trio.Event()
         self._holds = 0
         """Open :meth:`hold` blocks: while any runs, the room does not idle-close."""
         self._feeds: list[ChangeFeed] = []
@@ -289,6 +292,12 @@ class Room:
                 self._stop_accepting()
                 if committed:
                     await self.saver.flush_quietly()
+                # The room has ended once its sessions have closed their sockets too:
+                # a transport whose reader is cancelled right after (a server shutting
+                # down) could not finish their close handshakes any more.
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    while self._serving:
+                        await self._all_served.wait()
             self.saver.forget_error_traceback()
             for feed in self._feeds:
                 feed.end()
@@ -510,6 +519,9 @@ class Room:
             refresh=refresh,
         )
         self._add_session(session)
+        if not self._serving:
+            self._all_served = trio.Event()
+        self._serving += 1
         if on_ready:
             on_ready(self, session.info())
         ended: CloseReason | None = None
@@ -529,10 +541,15 @@ class Room:
                 # Cancelled from outside (the app is shutting down): the client is told
                 # the server is going away, and reconnects, rather than that it is done.
                 session.close(1001, "server shutting down")
-            self._remove_session(session)
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + CLOSE_TIMEOUT
-                await self._close_socket(session, socket)
+            try:
+                self._remove_session(session)
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+                    await self._close_socket(session, socket)
+            finally:
+                self._serving -= 1
+                if not self._serving:
+                    self._all_served.set()
             if ended is None and session.close_code == 1006:  # a write found it gone
                 ended = CloseReason(1006, "connection lost")
             if ended is not None:
