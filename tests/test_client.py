@@ -397,7 +397,8 @@ async def test_a_refused_token_raises_and_so_does_a_refused_refresh() -> None:
                 assert client.document == live("e/c", v=2)
                 await client.refresh_auth("deny")
                 await trio.sleep_forever()
-        assert (caught.value.code, caught.value.reason) == (1008, "token refresh refused")
+        assert (caught.value.code, caught.value.reason) == (
+            1008, "token refresh refused: token refused")
         room = manager.get_existing_room("r")
         assert room is not None and dict(room.get_snapshot().state) == live("e/c", v=2)
 

@@ -295,7 +295,9 @@ async def test_auth_refresh_with_a_bad_token_closes_the_session_with_1008(
                        authorize=JWTAuthorizer(secret=SECRET)) as client:
         await client.reconnect()
         await client.send(type="auth-refresh", token=token())
-        assert await client.closed() == (1008, "token refresh refused")
+        code, said = await client.closed()
+        assert code == 1008 and said is not None
+        assert said.startswith("token refresh refused: ") and reason in said
         room = manager.get_existing_room(ROOM)
         assert room is not None and room.session_count() == 0
     [line] = [r for r in caplog.records if "token refresh refused" in r.getMessage()]
@@ -336,7 +338,8 @@ async def test_a_hook_behind_the_jwt_sees_the_claims_and_narrows_the_session(
         assert (session(manager).permissions, session(manager).metadata) == (
             "readonly", {"user": "carol"})  # the hook's readonly wins over the token's
         await client.send(type="auth-refresh", token=mint(sub="mallory"))
-        assert await client.closed() == (1008, "token refresh refused")
+        code, said = await client.closed()
+        assert code == 1008 and said is not None and said.startswith("token refresh refused: ")
 
 
 def test_bad_secrets_and_keys_are_refused_when_made() -> None:
@@ -441,7 +444,7 @@ async def test_serve_checks_audience_issuer_and_every_auth_refresh() -> None:
             [patch] = frames_of(await watcher.receive_until("patch"), "patch")
             assert patch["documentPatches"] == [NOTE]
             await editor.send(type="auth-refresh", token=token(exp=minutes(-1)))
-            assert await editor.closed() == (1008, "token refresh refused")
+            assert await editor.closed() == (1008, "token refresh refused: token expired")
     log = server.log.decode()
     assert "token refresh refused: token expired" in log and "Traceback" not in log
 
@@ -535,7 +538,7 @@ async def test_the_npm_client_signs_in_and_is_closed_on_an_expired_refresh() -> 
                                       refresh=mint(sub="npm", exp=minutes(-1)))
             assert [e["event"] for e in events] == ["synced", "ack", "refreshed", "closed"]
             assert events[-1] == {"event": "closed", "code": 1008,
-                                  "reason": "token refresh refused"}
+                                  "reason": "token refresh refused: token expired"}
             patches = frames_of(await watcher.drain(0.3), "patch")
             assert {"npm/note": {"_exists": True, "text": "signed in"}} in [
                 p for frame in patches for p in frame.get("documentPatches", [])]

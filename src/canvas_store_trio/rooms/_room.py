@@ -974,7 +974,9 @@ class Room:
                     value = await value
                 result = as_authorize_result(value)
         except Exception as exc:
-            session.close(1008, "token refresh refused")
+            # A hook's refusal says why, as at connect; a hook's bug is not the client's.
+            bug = isinstance(exc, AuthorizeResultError)
+            session.close(1008, "token refresh refused" + ("" if bug else f": {exc}"))
             log_event(
                 logging.ERROR if isinstance(exc, AuthorizeResultError) else logging.INFO,
                 "token_refresh_refused",
