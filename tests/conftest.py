@@ -88,5 +88,14 @@ async def connect(
             nursery.cancel_scope.deadline = trio.current_time() + 5
 
 
+@asynccontextmanager
+async def joined(manager: RoomManager, client_id: str, room: str = "r"
+                 ) -> AsyncIterator[FrameClient]:
+    """A session of ``client_id`` in ``room`` (see :func:`connect`), past its ``synced``."""
+    async with connect(manager, f"roomId={room}&clientId={client_id}") as client:
+        await client.reconnect()
+        yield client
+
+
 def frames_of(frames: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [frame for frame in frames if frame["type"] == kind]

@@ -14,8 +14,8 @@ import functools
 import os
 import random
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -28,7 +28,9 @@ from canvas_store_trio import (
     Changes,
     Document,
     IncrementalStorage,
+    Limits,
     RecordChange,
+    RoomManager,
     Snapshot,
     Storage,
     StorageError,
@@ -237,3 +239,12 @@ class CommandedStorage:
 
     def committed_keys(self) -> list[set[str]]:
         return [set(changes.records) for changes in self.commits]
+
+
+@asynccontextmanager
+async def durable_manager(storage: CommandedStorage) -> AsyncIterator[RoomManager]:
+    """Durable acks, ``storage`` for every room; saves only at close (the throttle is long)."""
+    async with RoomManager(durable_acks=True, create_storage=lambda room_id: storage,
+                           save_throttle=1000.0, idle_timeout=600.0, flush_timeout=60.0,
+                           limits=Limits(ping_interval=None)) as manager:
+        yield manager

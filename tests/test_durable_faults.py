@@ -11,8 +11,7 @@ In process, under ``autojump_clock``: a "nothing arrives within 5 s" check takes
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -28,28 +27,12 @@ from canvas_store_trio import (
 )
 from canvas_store_trio.testing import FrameClient
 
-from .conftest import connect, frames_of
-from .storage_helpers import CommandedStorage
+from .conftest import connect, frames_of, joined
+from .storage_helpers import CommandedStorage, durable_manager
 
 NO_PINGS = Limits(ping_interval=None)
 QUIET = 5.0
 """Seconds (virtual) in which a held frame must not arrive; well under ``flush_timeout``."""
-
-
-@asynccontextmanager
-async def durable_manager(storage: CommandedStorage) -> AsyncIterator[RoomManager]:
-    """Durable acks, one storage for room "r"; saves only at close (the throttle is long)."""
-    async with RoomManager(durable_acks=True, create_storage=lambda room_id: storage,
-                           save_throttle=1000.0, idle_timeout=600.0, flush_timeout=60.0,
-                           limits=NO_PINGS) as manager:
-        yield manager
-
-
-@asynccontextmanager
-async def joined(manager: RoomManager, name: str) -> AsyncIterator[FrameClient]:
-    async with connect(manager, f"roomId=r&clientId={name}") as client:
-        await client.reconnect()
-        yield client
 
 
 def create(key: str, v: Any) -> dict[str, Any]:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +37,9 @@ from canvas_store_trio import (
     TooManyRoomsError,
     decode_snapshot,
 )
-from canvas_store_trio.testing import FrameClient
 
-from .conftest import connect, frames_of
-from .storage_helpers import CommandedStorage
+from .conftest import connect, frames_of, joined
+from .storage_helpers import CommandedStorage, durable_manager
 from .test_front_door import ROOT, free_port, start_server
 
 NO_PINGS = Limits(ping_interval=None)
@@ -50,13 +47,6 @@ NO_PINGS = Limits(ping_interval=None)
 
 def create(key: str, **fields: Any) -> dict[str, Any]:
     return {key: {"_exists": True, **fields}}
-
-
-@asynccontextmanager
-async def joined(manager: RoomManager, name: str, room: str = "r") -> AsyncIterator[FrameClient]:
-    async with connect(manager, f"roomId={room}&clientId={name}") as client:
-        await client.reconnect()
-        yield client
 
 
 def patches_in(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -185,19 +175,11 @@ async def test_a_closed_room_takes_no_server_edit(autojump_clock: Any) -> None:
 # --- with durable acks -----------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def durable(storage: CommandedStorage) -> AsyncIterator[RoomManager]:
-    async with RoomManager(durable_acks=True, create_storage=lambda room_id: storage,
-                           save_throttle=1000.0, idle_timeout=600.0, flush_timeout=60.0,
-                           limits=NO_PINGS) as manager:
-        yield manager
-
-
 async def test_with_durable_acks_a_server_edit_returns_and_is_broadcast_once_committed(
     autojump_clock: Any,
 ) -> None:
     storage = CommandedStorage()
-    async with durable(storage) as manager, joined(manager, "a") as a:
+    async with durable_manager(storage) as manager, joined(manager, "a") as a:
         room = manager.get_existing_room("r")
         assert room is not None
         storage.block()
@@ -223,7 +205,7 @@ async def test_with_durable_acks_a_failed_commit_raises_and_closes_the_room(
     autojump_clock: Any,
 ) -> None:
     storage = CommandedStorage(fail_next=True)
-    async with durable(storage) as manager, joined(manager, "a") as a:
+    async with durable_manager(storage) as manager, joined(manager, "a") as a:
         room = manager.get_existing_room("r")
         assert room is not None
         with pytest.raises(CommitError):
@@ -360,7 +342,7 @@ async def test_with_durable_acks_the_feed_yields_only_committed_edits(
     autojump_clock: Any,
 ) -> None:
     storage = CommandedStorage()
-    async with durable(storage) as manager, joined(manager, "a") as a:
+    async with durable_manager(storage) as manager, joined(manager, "a") as a:
         room = manager.get_existing_room("r")
         assert room is not None
         async with room.subscribe() as changes:
