@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -21,6 +23,8 @@ from .._document import SnapshotError
 from .._logs import JSONLogFormatter, log_event
 from .._protocol import Limits
 from ..auth._jwt import JWTAuthorizer
+from ..cluster._cli import add_cluster_commands, run_cluster_command
+from ..cluster._leases import DEFAULT_LEASE_TTL, NodeIdInUseError, PostgresLeases
 from ..ops import ADMIN_TOKEN_ENV, metrics_registry, ops_http_handler, watch_loop_lag
 from ..rooms._connection import Authorize, serve_connection
 from ..rooms._history import DEFAULT_HISTORY_KEEP
@@ -28,6 +32,7 @@ from ..rooms._manager import RoomManager
 from ..storage._backends import FileBackend, MemoryBackend, StorageBackend, open_storage_backend
 from ..storage._base import StorageError
 from ..storage._history import add_history_commands, run_history_command
+from ..storage._postgres import PostgresDatabase
 from ..storage._transfer import TransferError, add_transfer_commands, run_transfer_command
 from ..transport._handshake import HandshakeRequest
 from ..transport._http import HttpHandler, HttpRequest, HttpResponse, default_http_handler
@@ -83,6 +88,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="ack an edit only once it is on disk (journal synced, transaction "
         "committed); default --no-durable-acks: ack it once it is in memory, as the "
         "Node server does, and save it within --save-throttle",
+    )
+    cluster = serve.add_argument_group("cluster: many nodes sharing rooms (see README)")
+    cluster.add_argument(
+        "--cluster",
+        action="store_true",
+        help="be one node of a cluster: each room served by one node at a time, under a "
+        "lease in the --storage PostgreSQL database; implies --durable-acks",
+    )
+    cluster.add_argument(
+        "--node-id",
+        metavar="ID",
+        help="this node's id in the cluster (hostname:port)",
+    )
+    cluster.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="the address other nodes reach this one at (--host:--port; needed when "
+        "--host is a wildcard address)",
+    )
+    cluster.add_argument(
+        "--lease-ttl",
+        type=_option_type("float"),
+        default=None,
+        metavar="SECONDS",
+        help=f"seconds a room's lease lasts unrenewed: the failover time ({DEFAULT_LEASE_TTL:g})",
     )
     serve.add_argument(
         "--save-throttle",
@@ -192,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     add_transfer_commands(commands)
     add_history_commands(commands)
+    add_cluster_commands(commands)
     return parser
 
 
@@ -328,7 +359,15 @@ bench/README.md)."""
 
 
 def durable_acks(args: argparse.Namespace) -> bool:
-    """``--durable-acks`` / ``--no-durable-acks``; ``--memory`` implies the latter."""
+    """``--durable-acks`` / ``--no-durable-acks``; ``--memory`` implies the latter,
+    ``--cluster`` the former (a room that changes hands must find every acked edit)."""
+    if args.cluster:
+        if args.durable_acks is False:
+            raise UsageError(
+                "--cluster --no-durable-acks: a cluster acks only what is committed, so "
+                "that a room taken over loses nothing; drop --no-durable-acks"
+            )
+        return True
     if args.memory:
         if args.durable_acks:
             raise UsageError("--memory --durable-acks: memory storage is never durable; drop one")
@@ -344,6 +383,51 @@ def history_options(args: argparse.Namespace) -> tuple[float | None, int]:
     if keep < 1:
         raise UsageError(f"--history-keep {keep}: must be at least 1")
     return interval, keep
+
+
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+@attrs.frozen
+class ClusterOptions:
+    """``--cluster``'s options, checked: the node id and address are known only once
+    the port is (``--port 0``)."""
+
+    node_id: str | None
+    advertise: str | None
+    lease_ttl: float
+
+
+def cluster_options(args: argparse.Namespace, backend: StorageBackend) -> ClusterOptions | None:
+    """``--cluster`` and its options, or None without it; refused in one line if they
+    do not fit (another storage, a wildcard host without ``--advertise``...)."""
+    if not args.cluster:
+        given = [name for name, value in (("--node-id", args.node_id),
+                                          ("--advertise", args.advertise),
+                                          ("--lease-ttl", args.lease_ttl)) if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only with --cluster")
+        return None
+    if not isinstance(backend, PostgresDatabase):
+        raise UsageError(
+            "--cluster needs --storage postgresql://...: the nodes share their rooms and "
+            f"leases in one PostgreSQL database, not {backend}"
+        )
+    if args.advertise is None and args.host in WILDCARD_HOSTS:
+        raise UsageError(
+            f"--cluster needs --advertise HOST:PORT with --host {args.host or repr('')}: "
+            "other nodes cannot reach a wildcard address"
+        )
+    if args.advertise is not None:
+        host, sep, port = args.advertise.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError(f"--advertise wants HOST:PORT, not {args.advertise!r}")
+    ttl = DEFAULT_LEASE_TTL if args.lease_ttl is None else args.lease_ttl
+    if not ttl > 0:
+        raise UsageError(f"--lease-ttl {ttl:g}: must be above 0")
+    if args.node_id == "":
+        raise UsageError("--node-id: must not be empty")
+    return ClusterOptions(args.node_id, args.advertise, ttl)
 
 
 def open_backend(args: argparse.Namespace) -> StorageBackend:
@@ -386,6 +470,7 @@ async def serve(
     durable = durable_acks(args)
     history_interval, history_keep = history_options(args)
     backend = open_backend(args)
+    cluster = cluster_options(args, backend)
     if history_interval is not None and isinstance(backend, MemoryBackend):
         raise UsageError("--history-interval: memory storage keeps no history")
     http_handler: HttpHandler = default_http_handler
@@ -409,8 +494,13 @@ async def serve(
                 count=folded,
             )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        leases = None
+        if cluster is not None:
+            assert isinstance(backend, PostgresDatabase)
+            leases = PostgresLeases(backend, ttl=cluster.lease_ttl)
         async with (
             backend,
+            leases if leases is not None else contextlib.nullcontext(),
             RoomManager(
                 idle_timeout=args.idle_timeout,
                 save_throttle=args.save_throttle,
@@ -419,6 +509,7 @@ async def serve(
                 history_interval=history_interval,
                 history_keep=history_keep,
                 limits=limits,
+                ownership=leases,
             ) as manager,
             trio.open_nursery() as nursery,
         ):
@@ -465,6 +556,13 @@ async def serve(
             port = listeners[0].socket.getsockname()[1]
             url = f"ws://{args.host}:{port}"
             where = f"{backend}, " + ("acks once durable" if durable else "acks once in memory")
+            if leases is not None and cluster is not None:
+                node_id = cluster.node_id or f"{socket.gethostname()}:{port}"
+                try:
+                    await leases.join(node_id, cluster.advertise or f"{args.host}:{port}")
+                except NodeIdInUseError as exc:
+                    raise UsageError(f"--node-id: {exc}") from None
+                where += f", node {node_id!r} of a cluster"
             if history_interval is not None:
                 where += f", a version at most every {history_interval:g} s"
             log_event(
@@ -543,6 +641,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.command == "serve":
             trio.run(serve, args)
+        elif args.command == "cluster":
+            trio.run(run_cluster_command, args)
         elif args.command == "history":
             log_event(logging.INFO, "history_done", "%s", trio.run(run_history_command, args))
         else:

@@ -89,6 +89,12 @@ class ManagerCollector:
             "Sessions closed (1008) because their outbox passed outbox_max_bytes.",
             stats.slow_client_closes,
         )
+        held = getattr(manager.ownership, "held", None)  # a cluster node's leases
+        if callable(held):
+            yield GaugeMetricFamily(
+                "canvas_store_room_leases", "Room leases this cluster node holds.",
+                value=len(held()),
+            )
         yield _histogram(
             "canvas_store_event_loop_lag_seconds",
             "How late the event loop woke a task that slept, sampled every "

@@ -12,6 +12,7 @@ import attrs
 import trio
 
 from .._logs import log_event
+from ..cluster._ownership import NotOwnerError
 from ..transport._handshake import AcceptedSocket, HandshakeRequest
 from ._manager import ManagerClosedError, RoomLoadError, RoomManager, TooManyRoomsError
 from ._room import SERVER_CLIENT_ID, Room, RoomFullError
@@ -113,8 +114,9 @@ async def serve_connection(
     The socket is accepted first, so the client's early frames wait in its buffer while
     ``authorize`` runs and the room loads; none is dropped. Refusals close the socket:
     1008 for a bad URL or a refused token, 1011 for a room that cannot be loaded, 1013
-    for a full room or server, 1001 while the server shuts down. Without ``authorize``
-    every session is readwrite. The socket is always closed when this returns.
+    for a full room or server or a room another node owns, 1001 while the server shuts
+    down. Without ``authorize`` every session is readwrite. The socket is always closed
+    when this returns.
     """
     ws = await request.accept()
     try:
@@ -178,6 +180,9 @@ async def serve_connection(
     except RoomLoadError:
         # The cause, logged by the room, may name paths: the client gets none of it.
         await _refuse(ws, room_id, client_id, 1011, "Room could not be loaded")
+    except NotOwnerError:
+        # Another node owns the room (or none can take it now): the client retries.
+        await _refuse(ws, room_id, client_id, 1013, "Room is served by another node; try again")
     except (RoomFullError, TooManyRoomsError) as exc:
         await _refuse(ws, room_id, client_id, 1013, str(exc))
     except ManagerClosedError:

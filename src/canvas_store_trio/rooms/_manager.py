@@ -12,6 +12,7 @@ import trio
 
 from .._logs import log_event
 from .._protocol import Limits
+from ..cluster._ownership import NotOwnerError, Ownership, SoleOwnership
 from ..storage._base import Storage
 from ._history import DEFAULT_HISTORY_KEEP
 from ._room import (
@@ -63,6 +64,11 @@ class RoomManager:
     and the ``history_keep`` newest versions are kept (see :class:`Room`). Every storage
     must then be a :class:`~canvas_store_trio.HistoryStorage` (file, SQLite and
     PostgreSQL storage are).
+
+    ``ownership`` decides whether this process may open a room: by default
+    (:class:`~canvas_store_trio.cluster.SoleOwnership`) it may open every one; in a
+    cluster (:class:`~canvas_store_trio.cluster.PostgresLeases`) a room opens only
+    under its lease, and closes (1012) when it loses it.
     """
 
     def __init__(
@@ -79,7 +85,9 @@ class RoomManager:
         on_document_patch: DocumentPatchHook | None = None,
         on_token_refresh: TokenRefreshHook | None = None,
         limits: Limits | None = None,
+        ownership: Ownership | None = None,
     ) -> None:
+        self.ownership: Ownership = ownership or SoleOwnership()
         self.idle_timeout = idle_timeout
         self.save_throttle = save_throttle
         self.flush_timeout = flush_timeout
@@ -141,6 +149,7 @@ class RoomManager:
         """The room with this id, loaded and taking sessions; created if needed.
 
         Raises :class:`RoomLoadError` when its snapshot cannot be loaded,
+        :class:`~canvas_store_trio.cluster.NotOwnerError` when another node owns it,
         :class:`TooManyRoomsError` at ``limits.max_rooms``, and
         :class:`ManagerClosedError` once :meth:`close_all` has begun.
         """
@@ -151,6 +160,8 @@ class RoomManager:
             if room is None:
                 room = self._start_room(room_id)
             await room.wait_ready()
+            if isinstance(room.load_error, NotOwnerError):
+                raise room.load_error.copy()
             if room.load_error is not None:
                 raise RoomLoadError(f"room {room_id!r} could not be loaded") from room.load_error
             if room.accepting:
@@ -193,6 +204,7 @@ class RoomManager:
             on_document_patch=self.on_document_patch,
             on_token_refresh=self.on_token_refresh,
             stats=self.stats,
+            ownership=self.ownership,
         )
         self._rooms[room_id] = room
         assert self._nursery is not None

@@ -49,6 +49,7 @@ from .._protocol import (
     synced_frame,
     version_mismatch_frame,
 )
+from ..cluster._ownership import Lease, NotOwnerError, Ownership, SoleOwnership
 from ..storage._base import HistoryStorage, JournalStorage, Storage
 from ..transport._handshake import MessageSocket
 from ._commits import CommitError, Committer
@@ -118,6 +119,13 @@ class Room:
     :class:`~canvas_store_trio.HistoryStorage`), the room keeps versions of its
     document, at most one per interval while it changes, and the ``history_keep``
     newest of them (see :class:`~._history.HistoryKeeper`).
+
+    ``ownership`` says whether this process may open the room (a cluster's lease): the
+    room takes its lease before it loads, and gives it back once it has closed. A room
+    refused a lease never serves (its :attr:`load_error` is the
+    :class:`~canvas_store_trio.cluster.NotOwnerError`); a room that loses its lease
+    closes every session with 1012 (service restart: reconnect) at once, commits and
+    saves nothing more, and ends.
     """
 
     def __init__(
@@ -136,8 +144,11 @@ class Room:
         on_document_patch: DocumentPatchHook | None = None,
         on_token_refresh: TokenRefreshHook | None = None,
         stats: Stats | None = None,
+        ownership: Ownership | None = None,
     ) -> None:
         self.room_id = room_id
+        self._ownership = ownership or SoleOwnership()
+        self._lease: Lease | None = None
         self.limits = limits or Limits()
         self.stats = stats or Stats()
         """Counters for ``/metrics``: the manager's, shared by all its rooms."""
@@ -224,18 +235,32 @@ class Room:
         its sessions and runs the final flush shielded, for at most ``flush_timeout``.
         """
         try:
+            self._lease = await self._ownership.acquire(self.room_id, self._on_lease_lost)
             self.document = await self.saver.load()
         except Exception as exc:
-            log_event(
-                logging.ERROR,
-                "room_load_failed",
-                "room %r refused: its snapshot could not be loaded: %s",
-                self.room_id,
-                exc,
-                room=self.room_id,
-                error=str(exc),
-            )
+            if isinstance(exc, NotOwnerError):
+                log_event(
+                    logging.INFO,
+                    "room_not_owned",
+                    "room %r not opened here: %s",
+                    self.room_id,
+                    exc,
+                    room=self.room_id,
+                    owner=exc.owner,
+                )
+            else:
+                log_event(
+                    logging.ERROR,
+                    "room_load_failed",
+                    "room %r refused: its snapshot could not be loaded: %s",
+                    self.room_id,
+                    exc,
+                    room=self.room_id,
+                    error=str(exc),
+                )
             self.load_error = exc.with_traceback(None)  # its frames would hold the room
+            with trio.CancelScope(shield=True):
+                await self._release_lease()
             self._ready.set()
             self._closed.set()
             self._settled.set()
@@ -292,6 +317,7 @@ class Room:
                 self._stop_accepting()
                 if committed:
                     await self.saver.flush_quietly()
+                await self._release_lease()
                 # The room has ended once its sessions have closed their sockets too:
                 # a transport whose reader is cancelled right after (a server shutting
                 # down) could not finish their close handshakes any more.
@@ -378,6 +404,29 @@ class Room:
         if self._uncommitted_changes:
             self._release_changes()
         self.saver.mark_unsaved()  # a snapshot save folds the journal in
+
+    async def _release_lease(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            await self._ownership.release(lease)
+
+    def _on_lease_lost(self, reason: str) -> None:
+        """Another node may own the room now: not one more frame tells of an edit, and
+        the clients reconnect (1012) to whichever node serves it next."""
+        log_event(
+            logging.WARNING,
+            "lease_lost",
+            "room %r: lost its lease (%s); its sessions are closed (1012)",
+            self.room_id,
+            reason,
+            room=self.room_id,
+            reason=reason,
+        )
+        self.saver.discard()
+        self._uncommitted_changes.clear()
+        self._frames_stopped = True
+        self._stop_accepting(1012, "room moved; reconnect")
+        self._close_requested.set()
 
     def _on_commit_failed(self, error: BaseException) -> None:
         self.saver.discard()

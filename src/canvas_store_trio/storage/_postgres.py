@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from datetime import UTC
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import attrs
 import trio
@@ -44,9 +44,20 @@ if TYPE_CHECKING:
 
     Connection = psycopg.Connection[TupleRow]
 
-__all__ = ["PostgresDatabase", "PostgresStorage"]
+__all__ = ["PostgresDatabase", "PostgresStorage", "WriteFence"]
 
 T = TypeVar("T")
+
+
+class WriteFence(Protocol):
+    """What a cluster puts in front of every write of room data (see
+    :class:`~canvas_store_trio.cluster.PostgresLeases`)."""
+
+    def check(self, conn: Connection, room_ids: Sequence[str]) -> None:
+        """Run first in the write's transaction, in its worker thread: raise (a
+        :class:`StorageError`) unless this node still holds the lease of every room, and
+        keep those leases from changing hands until the transaction ends."""
+        ...
 
 _UPSERT_ROOM = (
     f"INSERT INTO {ROOMS_TABLE} (id, timestamp, updated_at) VALUES (%s, %s, now()) "
@@ -130,6 +141,12 @@ class PostgresDatabase:
     timeout: float = 10.0
     connect_timeout: float = 5.0
     application_name: str = "canvas-store-trio"
+    idle_in_transaction_timeout: float | None = None
+    """Seconds after which PostgreSQL ends a session left idle inside a transaction (one
+    whose process was paused mid-write), so that its row locks cannot hold others up.
+    Read when the pool opens."""
+    write_fence: WriteFence | None = attrs.field(default=None, kw_only=True)
+    """Checked in the transaction of every write of room data (commits, saves, versions)."""
     _pool: ConnectionPool[Connection] | None = attrs.field(default=None, init=False, repr=False)
     _setup_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False, repr=False)
     _limiter: trio.CapacityLimiter = attrs.field(init=False, repr=False)
@@ -192,6 +209,7 @@ class PostgresDatabase:
         and one round trip (a pipeline)."""
 
         def write(conn: Connection) -> None:
+            self.fence(conn, [room_id for room_id, _ in batch])
             with conn.pipeline(), conn.cursor() as cur:
                 for room_id, changes in batch:
                     pg_id = _to_pg(room_id)
@@ -205,7 +223,18 @@ class PostgresDatabase:
         more = f" and {len(batch) - 3} more" if len(batch) > 3 else ""
         await self._run(write, f"cannot save room{'s' if len(batch) > 1 else ''} {rooms}{more}")
 
+    async def run(self, fn: Callable[[Connection], T], what: str) -> T:
+        """``fn(conn)`` in a worker thread, in one transaction of a pooled connection
+        (committed when it returns, rolled back if it raises). A failure is a
+        :class:`StorageError` naming ``what``. Cancelled, it waits for ``fn`` to end."""
+        return await self._run(fn, what)
+
     # --- worker-thread side -----------------------------------------------------
+
+    def fence(self, conn: Connection, room_ids: Sequence[str]) -> None:
+        """The :attr:`write_fence` check for these rooms, if there is a fence."""
+        if self.write_fence is not None:
+            self.write_fence.check(conn, room_ids)
 
     async def _run(self, fn: Callable[[Connection], T], what: str) -> T:
         if self._closed:
@@ -229,6 +258,10 @@ class PostgresDatabase:
             kwargs["connect_timeout"] = max(2, math.ceil(self.connect_timeout))
         if "application_name" not in given:
             kwargs["application_name"] = self.application_name
+        if self.idle_in_transaction_timeout is not None:
+            ms = max(1, math.ceil(self.idle_in_transaction_timeout * 1000))
+            option = f"-c idle_in_transaction_session_timeout={ms}"
+            kwargs["options"] = f"{given.get('options', '')} {option}".strip()
         return kwargs
 
     def _setup(self) -> ConnectionPool[Connection]:
@@ -351,6 +384,7 @@ class PostgresStorage(SQLRoomWrites):
         def save(conn: Connection) -> None:
             rows = snapshot_rows(snapshot)
             pg_id = _to_pg(room_id)
+            self.database.fence(conn, [room_id])
             conn.execute(_UPSERT_ROOM, (pg_id, snapshot.timestamp))
             conn.execute(f"DELETE FROM {RECORDS_TABLE} WHERE room = %s", (pg_id,))
             with (
@@ -372,6 +406,7 @@ class PostgresStorage(SQLRoomWrites):
 
         def save(conn: Connection) -> None:
             pg_id = _to_pg(room_id)
+            self.database.fence(conn, [room_id])
             conn.execute(_UPSERT_VERSION, (pg_id, version, b"".join(parts)))
             conn.execute(_PRUNE_VERSIONS, (pg_id, pg_id, keep))
             _commit(conn)

@@ -14,6 +14,10 @@ same tables:
     the snapshot it holds), ``saved_at`` and ``snapshot`` (the whole snapshot, encoded
     in the Node file format), primary key ``(room, version)``. No foreign key: a room
     may keep a version before its first save.
+``canvas_store_nodes``, ``canvas_store_leases``
+    cluster mode (schema version 3, PostgreSQL only): one row per node (``id``,
+    ``address``, ``expires_at``) and one per room ever leased (``room``, ``owner``,
+    ``address``, ``epoch``, ``expires_at``); see :mod:`canvas_store_trio.cluster`.
 
 ``canvas_store_schema_migrations`` lists the migrations applied to a database, one row
 per version. A backend applies the missing ones, in one transaction, the first time it
@@ -47,6 +51,8 @@ ROOMS_TABLE = "canvas_store_rooms"
 RECORDS_TABLE = "canvas_store_records"
 MIGRATIONS_TABLE = "canvas_store_schema_migrations"
 HISTORY_TABLE = "canvas_store_history"
+NODES_TABLE = "canvas_store_nodes"
+LEASES_TABLE = "canvas_store_leases"
 
 
 @attrs.frozen
@@ -113,6 +119,27 @@ MIGRATIONS: tuple[Migration, ...] = (
                 snapshot BYTEA NOT NULL,
                 PRIMARY KEY (room, version)
             )""",
+        ),
+    ),
+    Migration(
+        version=3,
+        description="cluster: nodes and room leases",
+        sqlite=(),  # a cluster needs PostgreSQL
+        postgres=(
+            f"""CREATE TABLE {NODES_TABLE} (
+                id TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+                address TEXT NOT NULL,
+                expires_at TIMESTAMPTZ NOT NULL,
+                started_at TIMESTAMPTZ NOT NULL DEFAULT now()
+            )""",
+            f"""CREATE TABLE {LEASES_TABLE} (
+                room TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+                owner TEXT COLLATE "C" NOT NULL,
+                address TEXT NOT NULL,
+                epoch BIGINT NOT NULL,
+                expires_at TIMESTAMPTZ NOT NULL
+            )""",
+            f"CREATE INDEX {LEASES_TABLE}_owner ON {LEASES_TABLE} (owner)",
         ),
     ),
 )
