@@ -150,6 +150,7 @@ async def test_renewals_keep_leases_and_a_failing_one_gives_them_up_in_time(
         status = await cluster_status(a.database)
         assert status["nodes"][0]["rooms"] == 1
         renewed_until = lease.deadline
+        assert not a.fenced
         monkeypatch.setattr(_leases, "_RENEW", "SELECT 1 / 0")  # PostgreSQL says no
         with trio.fail_after(2):
             while not lost:
@@ -159,6 +160,11 @@ async def test_renewals_keep_leases_and_a_failing_one_gives_them_up_in_time(
         # Given up before the database could let anyone else take it.
         assert renewed_until - 0.8 < when < renewed_until
         assert a.held() == [] and lease.lost
+        assert a.fenced  # /readyz answers 503 now (tests/test_ops.py)
+        monkeypatch.undo()  # PostgreSQL is back: the next renewal ends the fence
+        with trio.fail_after(2):
+            while a.fenced:
+                await trio.sleep(0.01)
 
 
 async def test_a_lease_taken_over_is_lost_at_the_next_renewal(conninfo: str) -> None:

@@ -18,6 +18,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from canvas_store_trio import Limits, RoomManager
+from canvas_store_trio.cluster import SoleOwnership
 from canvas_store_trio.ops import metrics_registry, metrics_text, ops_http_handler, watch_loop_lag
 from canvas_store_trio.transport._http import HttpRequest
 
@@ -219,3 +220,14 @@ def test_metrics_are_named_as_the_issue_says(tmp_path: Path) -> None:
         "canvas_store_event_loop_lag_seconds",
     } <= names
 
+
+
+async def test_readyz_answers_503_while_the_ownership_is_fenced() -> None:
+    class Fenced(SoleOwnership):
+        fenced = True  # as PostgresLeases is while it cannot renew
+
+    async with RoomManager(limits=NO_PINGS, ownership=Fenced()) as manager:
+        handle = ops_http_handler(manager, metrics=None)
+        status, _, body = await handle(HttpRequest("GET", "/readyz", {}))  # type: ignore[misc]
+        assert (status, body) == (503, b"fenced: cannot renew its room leases\n")
+        assert (await handle(HttpRequest("GET", "/healthz", {})))[0] == 200  # type: ignore[misc]

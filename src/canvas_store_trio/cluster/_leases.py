@@ -128,6 +128,8 @@ class PostgresLeases:
     _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
     _stack: AsyncExitStack = attrs.field(factory=AsyncExitStack, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    _renewed_at: float | None = attrs.field(default=None, init=False)
+    """When the last renewal that succeeded began (Trio time); None before the first."""
 
     def __attrs_post_init__(self) -> None:
         if not self.ttl > 0:
@@ -155,6 +157,15 @@ class PostgresLeases:
     def held(self) -> list[str]:
         """The rooms this node holds a lease on now."""
         return list(self._held)
+
+    @property
+    def fenced(self) -> bool:
+        """Whether the renewals have failed for as long as a lease is kept unrenewed
+        (one interval short of the TTL): every lease is given up by then, and the node
+        takes no room until a renewal succeeds again."""
+        if self._renewed_at is None:
+            return False  # not renewing yet: nothing held that could have lapsed
+        return trio.current_time() - self._renewed_at >= self.ttl - self.interval
 
     async def join(self, node_id: str, address: str) -> None:
         """Register this node as ``node_id``, reachable at ``address``, and start
@@ -283,6 +294,7 @@ class PostgresLeases:
                 failing = True
             else:
                 failing = False
+                self._renewed_at = started
                 for room_id, lease in held.items():
                     if self._held.get(room_id) is not lease:
                         continue  # released meanwhile

@@ -71,6 +71,12 @@ class Ownership(Protocol):
         for a lease that is already lost or gone."""
         ...
 
+    @property
+    def fenced(self) -> bool:
+        """Whether this process cannot keep leases now (it could not renew them in
+        time): it serves no room until it can. ``/readyz`` answers 503 meanwhile."""
+        ...
+
 
 class SoleOwnership:
     """The single node's ownership, :class:`~canvas_store_trio.RoomManager`'s default:
@@ -82,3 +88,7 @@ class SoleOwnership:
 
     async def release(self, lease: Lease) -> None:
         await trio.lowlevel.checkpoint()
+
+    @property
+    def fenced(self) -> bool:
+        return False

@@ -37,7 +37,8 @@ def ops_http_handler(
 
     - ``/healthz``: 200 while the process runs and serves HTTP at all;
     - ``/readyz``: 200 while ``manager`` takes sessions, 503 once it drains (its
-      ``close_all`` has begun, as after SIGTERM);
+      ``close_all`` has begun, as after SIGTERM) and while its ownership is fenced (a
+      cluster node that cannot renew its leases);
     - ``/metrics``: ``metrics`` in Prometheus text format;
     - ``/admin/``: the :class:`~._admin.AdminAPI`, for requests bearing
       ``admin_token``; without a token, 404.
@@ -59,6 +60,8 @@ def ops_http_handler(
         if path == "/readyz":
             if manager.closing:
                 return 503, TEXT, b"draining: takes no new sessions\n"
+            if manager.ownership.fenced:
+                return 503, TEXT, b"fenced: cannot renew its room leases\n"
             return 200, TEXT, b"ready\n"
         if path == "/metrics" and metrics is not None:
             return 200, METRICS_CONTENT_TYPE, metrics_text(metrics)
