@@ -1,25 +1,30 @@
-"""A real server process for tests: ``python -m canvas_store_trio serve`` and clients of it.
+"""Real processes for tests: ``python -m canvas_store_trio serve``, clients of it, and
+the real npm client driven line by line (tests/node/npm_peer.mjs).
 
-Shared by the crash tests (tests/test_crash.py, tests/test_durable_crash.py).
+Shared by the crash, client and cluster tests.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import orjson
 import trio
 from trio_websocket import open_websocket_url
 
 from canvas_store_trio.testing import FrameClient
 
-from .conftest import NODE_DIR
+from .conftest import NODE_DIR, node_modules
 
 REFERENCE_SERVER = Path(NODE_DIR) / "reference-server.mjs"
+NPM_PEER = Path(__file__).parent / "node" / "npm_peer.mjs"
 
 
 class Server:
@@ -87,3 +92,57 @@ async def client(server: Server, room: str, client_id: str) -> AsyncIterator[Fra
     async with open_websocket_url(server.url(room, client_id), max_message_size=2**30,
                                   receive_buffer_size=1 << 20) as ws:
         yield FrameClient(ws)
+
+
+class NpmPeer:
+    """tests/node/npm_peer.mjs: the real WebsocketAdapter, driven line by line."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.pending = b""
+
+    async def send(self, **command: Any) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.send_all(orjson.dumps(command) + b"\n")
+
+    async def report(self) -> dict[str, Any]:
+        await self.send(report=True)
+        assert self.process.stdout is not None
+        while b"\n" not in self.pending:
+            chunk = await self.process.stdout.receive_some()
+            assert chunk, "npm_peer.mjs exited"
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        report: dict[str, Any] = json.loads(line)
+        return report
+
+
+@asynccontextmanager
+async def npm_peer(url: str, room: str, client_id: str) -> AsyncIterator[NpmPeer]:
+    process = await trio.lowlevel.open_process(
+        ["node", str(NPM_PEER), "--url", url, "--room", room, "--client", client_id,
+         "--node-modules", node_modules()],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        yield NpmPeer(process)
+        assert process.stdin is not None
+        await process.stdin.aclose()
+        with trio.fail_after(5):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+
+
+
+
+async def npm_until(npm: NpmPeer, condition: Callable[[dict[str, Any]], bool],
+                    timeout: float = 10.0, also: Callable[[], str] = str) -> dict[str, Any]:
+    """The npm client's first report that meets ``condition``."""
+    with trio.move_on_after(timeout):
+        while not condition(report := await npm.report()):
+            await trio.sleep(0.02)
+        return report
+    raise AssertionError(f"the npm client never got there; its last report: {report}; {also()}")

@@ -9,14 +9,12 @@ import functools
 import json
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import trio
 import trio.testing
@@ -45,11 +43,10 @@ from canvas_store_trio.client import (
 from canvas_store_trio.client import _client as client_module
 
 from . import interop_auth
-from .conftest import node_modules, require_node
-from .processes import server_process
+from .conftest import require_node
+from .processes import npm_peer, npm_until, server_process
 
 ROOT = Path(__file__).resolve().parent.parent
-NPM_PEER = ROOT / "tests" / "node" / "npm_peer.mjs"
 FAST = {"backoff": (0.05, 0.2), "timeout": 10.0}  # reconnect at once, in tests
 
 
@@ -171,48 +168,6 @@ async def test_updates_and_presence_come_from_the_other_clients() -> None:
 # --- the npm client ----------------------------------------------------------------------
 
 
-class NpmPeer:
-    """tests/node/npm_peer.mjs: the real WebsocketAdapter, driven line by line."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.pending = b""
-
-    async def send(self, **command: Any) -> None:
-        assert self.process.stdin is not None
-        await self.process.stdin.send_all(orjson.dumps(command) + b"\n")
-
-    async def report(self) -> dict[str, Any]:
-        await self.send(report=True)
-        assert self.process.stdout is not None
-        while b"\n" not in self.pending:
-            chunk = await self.process.stdout.receive_some()
-            assert chunk, "npm_peer.mjs exited"
-            self.pending += chunk
-        line, self.pending = self.pending.split(b"\n", 1)
-        report: dict[str, Any] = json.loads(line)
-        return report
-
-
-@asynccontextmanager
-async def npm_peer(url: str, room: str, client_id: str) -> AsyncIterator[NpmPeer]:
-    process = await trio.lowlevel.open_process(
-        ["node", str(NPM_PEER), "--url", url, "--room", room, "--client", client_id,
-         "--node-modules", node_modules()],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        yield NpmPeer(process)
-        assert process.stdin is not None
-        await process.stdin.aclose()
-        with trio.fail_after(5):
-            assert await process.wait() == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-
-
 @pytest.mark.node
 async def test_converges_with_the_npm_client(server_url: str) -> None:
     """Edits both ways, in phases: the npm client mirrors what it pulls only after its own
@@ -249,14 +204,6 @@ async def test_converges_with_the_npm_client(server_url: str) -> None:
         assert await read_room(server_url, "r") == ours.document
 
 
-async def npm_until(npm: NpmPeer, condition: Callable[[dict[str, Any]], bool],
-                    timeout: float = 10.0, also: Callable[[], str] = str) -> dict[str, Any]:
-    """The npm client's first report that meets ``condition``."""
-    with trio.move_on_after(timeout):
-        while not condition(report := await npm.report()):
-            await trio.sleep(0.02)
-        return report
-    raise AssertionError(f"the npm client never got there; its last report: {report}; {also()}")
 
 
 # --- restarts and resync -------------------------------------------------------------------

@@ -1,8 +1,7 @@
 """Cluster nodes as real processes on one PostgreSQL (issue 15, the leases part).
 
 Each test runs ``serve --cluster`` processes on one fresh schema, with raw protocol
-clients on real sockets: exactly one owner when 50 clients race for a new room (the
-others are refused 1013 until forwarding exists), a takeover after kill -9 that serves
+clients on real sockets: a takeover after kill -9 that serves
 every acked edit, a SIGSTOPped owner that wakes up fenced (it writes nothing and closes
 its sessions 1012 within 1 s), a SIGTERM that hands rooms over at once, and the CLI.
 """
@@ -65,7 +64,8 @@ async def join(stack: AsyncExitStack, server: Server, room: str, client_id: str
 
 async def join_when_served(stack: AsyncExitStack, server: Server, room: str, client_id: str,
                            timeout: float) -> tuple[FrameClient, list[dict[str, Any]]]:
-    """:func:`join`, retried every 20 ms while the server answers 1013."""
+    """:func:`join`, retried every 20 ms while the server answers 1013 (try again
+    later) or 1001 (a node that is shutting down, forwarded to)."""
     deadline = trio.current_time() + timeout
     while True:  # no cancel scope around it: the client's nursery outlives the loop
         attempt = AsyncExitStack()
@@ -73,7 +73,7 @@ async def join_when_served(stack: AsyncExitStack, server: Server, room: str, cli
         if not isinstance(joined, int):
             stack.push_async_exit(attempt)
             return joined
-        assert joined == 1013
+        assert joined in (1013, 1001)
         await attempt.aclose()
         assert trio.current_time() < deadline, f"{room!r} not served within {timeout} s"
         await trio.sleep(0.02)
@@ -101,39 +101,13 @@ async def stored(url: str, room: str) -> dict[str, Any]:
     return {} if snapshot is None else dict(snapshot.state)
 
 
-async def test_fifty_racing_clients_on_three_nodes_find_one_owner(url: str) -> None:
-    async with nodes(url, 3, ttl=5) as servers:
-        results: list[tuple[int, int | None]] = []  # (node, close code or None if served)
-        everyone_answered = trio.Event()
-
-        async def connect(n: int) -> None:
-            async with AsyncExitStack() as stack:  # the served stay until all have answered
-                joined = await join(stack, servers[n % 3], "race", f"c{n}")
-                results.append((n % 3, joined if isinstance(joined, int) else None))
-                if len(results) == 50:
-                    everyone_answered.set()
-                await everyone_answered.wait()
-
-        with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                for n in range(50):
-                    nursery.start_soon(connect, n)
-        served = {node for node, code in results if code is None}
-        assert len(served) == 1, results
-        [owner] = served
-        assert all(code == 1013 for node, code in results if node != owner), results
-        assert sum(1 for node, code in results if node == owner) == len(
-            [n for n in range(50) if n % 3 == owner])
-        assert all(code is None for node, code in results if node == owner)
-
-
 async def test_kill_9_the_owner_and_another_node_serves_every_acked_edit(url: str) -> None:
     ttl = 2.0
     async with nodes(url, 2, ttl) as (a, b), AsyncExitStack() as stack:
         owner, _ = await join_when_served(stack, a, "room", "alice", 5)
         for value in range(1, 6):
             await edit(owner, "k", value)
-        assert await join(stack, b, "room", "early") == 1013  # A owns it
+        await join_when_served(stack, b, "room", "early", 5)  # forwarded to A
         a.process.kill()
         killed = trio.current_time()
         bob, frames = await join_when_served(stack, b, "room", "bob", ttl + 3)

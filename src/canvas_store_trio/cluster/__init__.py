@@ -9,11 +9,10 @@ from ._leases import (
     DEFAULT_LEASE_TTL,
     FencedWriteError,
     NodeIdInUseError,
-    Owner,
     PostgresLeases,
     cluster_status,
 )
-from ._ownership import Lease, NotOwnerError, Ownership, SoleOwnership
+from ._ownership import Lease, NotOwnerError, Owner, Ownership, SoleOwnership
 
 __all__ = [
     "DEFAULT_LEASE_TTL",

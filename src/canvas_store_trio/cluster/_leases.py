@@ -38,7 +38,7 @@ from .._logs import log_event
 from ..storage._base import StorageError
 from ..storage._postgres import PostgresDatabase, _from_pg, _to_pg
 from ..storage._sql import LEASES_TABLE, NODES_TABLE
-from ._ownership import Lease, LostHook, NotOwnerError
+from ._ownership import Lease, LostHook, NotOwnerError, Owner
 
 if TYPE_CHECKING:
     from ..storage._postgres import Connection
@@ -96,14 +96,6 @@ class NodeIdInUseError(Exception):
 
 class FencedWriteError(StorageError):
     """A write of room data refused: this node no longer holds the room's lease."""
-
-
-@attrs.frozen
-class Owner:
-    """The node that holds a room's lease now, and where other nodes reach it."""
-
-    node_id: str
-    address: str
 
 
 @attrs.define(eq=False)
@@ -244,12 +236,25 @@ class PostgresLeases:
                       room=lease.room_id, error=str(exc))
 
     async def owner_of(self, room_id: str) -> Owner | None:
-        """The live owner of ``room_id`` (who to forward a connection to), or None."""
+        """The live owner of ``room_id``, or None. Raises :class:`StorageError` if the
+        database cannot be used."""
         def query(conn: Connection) -> Owner | None:
             row = conn.execute(_LIVE_OWNER, (_to_pg(room_id),)).fetchone()
             return None if row is None else Owner(*row)
 
         return await self.database.run(query, f"cannot look up the owner of {room_id!r}")
+
+    async def owner_elsewhere(self, room_id: str) -> Owner | None:
+        """The live owner of ``room_id`` if it is another node; None if it is this one,
+        if there is none, or if the database cannot be used now (:meth:`acquire` then
+        refuses the room)."""
+        if room_id in self._held:
+            return None
+        try:
+            owner = await self.owner_of(room_id)
+        except StorageError:
+            return None
+        return None if owner is None or owner.node_id == self.node_id else owner
 
     # --- the write fence (PostgresDatabase.write_fence) ----------------------------
 

@@ -4,6 +4,8 @@ A :class:`~canvas_store_trio.RoomManager` asks its ``ownership`` for a :class:`L
 before a room loads, and gives it back once the room has closed. The room learns only
 two things: "you may open this room" (``acquire`` returns) and "you lost it" (the
 lease's ``on_lost`` is called, once; the room then closes its sessions with 1012).
+Before a connection is accepted, :meth:`Ownership.owner_elsewhere` says whether another
+node serves its room, so that the connection is forwarded there.
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ class Lease:
             self.on_lost(reason)
 
 
+@attrs.frozen
+class Owner:
+    """The node that holds a room's lease now, and where other nodes reach it."""
+
+    node_id: str
+    address: str
+
+
 class NotOwnerError(Exception):
     """Another node owns the room (``owner`` and its ``address``, when known), or no
     lease can be taken now (the database cannot be reached: both are None). The client
@@ -71,6 +81,17 @@ class Ownership(Protocol):
         for a lease that is already lost or gone."""
         ...
 
+    async def owner_elsewhere(self, room_id: str) -> Owner | None:
+        """The live node other than this one that holds ``room_id``'s lease, where
+        a connection for the room is forwarded; None if there is none (or it cannot be
+        told now: the room then opens here, or is refused by :meth:`acquire`)."""
+        ...
+
+    @property
+    def node_id(self) -> str:
+        """This node's id in the cluster (``""`` for a single node)."""
+        ...
+
     @property
     def fenced(self) -> bool:
         """Whether this process cannot keep leases now (it could not renew them in
@@ -88,6 +109,14 @@ class SoleOwnership:
 
     async def release(self, lease: Lease) -> None:
         await trio.lowlevel.checkpoint()
+
+    async def owner_elsewhere(self, room_id: str) -> Owner | None:
+        """None, without a checkpoint: this check runs on every join."""
+        return None
+
+    @property
+    def node_id(self) -> str:
+        return ""
 
     @property
     def fenced(self) -> bool:

@@ -95,6 +95,16 @@ class ManagerCollector:
                 "canvas_store_room_leases", "Room leases this cluster node holds.",
                 value=len(held()),
             )
+            yield _counter(
+                "canvas_store_forwarded_connections",
+                "Connections forwarded to the node that owns their room.",
+                stats.forwarded_connections,
+            )
+            yield _counter(
+                "canvas_store_forward_failures",
+                "Forwarded connections whose owner could not be reached (closed 1013).",
+                stats.forward_failures,
+            )
         yield _histogram(
             "canvas_store_event_loop_lag_seconds",
             "How late the event loop woke a task that slept, sampled every "

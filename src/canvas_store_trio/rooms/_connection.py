@@ -13,6 +13,7 @@ import trio
 
 from .._logs import log_event
 from ..cluster._ownership import NotOwnerError
+from ..transport._forward import FORWARDED_HEADER, ForwardingError
 from ..transport._handshake import AcceptedSocket, HandshakeRequest
 from ._manager import ManagerClosedError, RoomLoadError, RoomManager, TooManyRoomsError
 from ._room import SERVER_CLIENT_ID, Room, RoomFullError
@@ -111,28 +112,25 @@ async def serve_connection(
 ) -> None:
     """Accept one WebSocket handshake and run its session until it ends.
 
-    The socket is accepted first, so the client's early frames wait in its buffer while
-    ``authorize`` runs and the room loads; none is dropped. Refusals close the socket:
+    If another cluster node serves the room, the connection is forwarded there
+    unanswered (see :func:`_forward_if_elsewhere`). Otherwise the socket is accepted
+    first, so the client's early frames wait in its buffer while ``authorize`` runs and
+    the room loads; none is dropped. Refusals close the socket:
     1008 for a bad URL or a refused token, 1011 for a room that cannot be loaded, 1013
     for a full room or server or a room another node owns, 1001 while the server shuts
     down. Without ``authorize`` every session is readwrite. The socket is always closed
     when this returns.
     """
-    ws = await request.accept()
     try:
         connect = parse_connect_url(request.path, default_room_id=default_room_id)
     except ConnectRequestError as exc:
-        log_event(
-            logging.WARNING,
-            "connect_refused",
-            "refused a connection: %s",
-            exc,
-            code=1008,
-            reason=str(exc),
-            error_code=exc.code,
-        )
-        await ws.aclose(1008, str(exc))
+        await _refuse_url(await request.accept(), exc)
         return
+    if FORWARDED_HEADER.lower() not in request.headers and await _forward_if_elsewhere(
+        manager, request, connect.room_id
+    ):
+        return
+    ws = await request.accept()
     room_id, client_id = connect.room_id, connect.client_id
     result = AuthorizeResult("readwrite")
     refresh = None
@@ -191,6 +189,44 @@ async def serve_connection(
         room = manager.get_existing_room(room_id)
         active = room.session_count() if room else 0
         _log_join_or_leave("client_left", "left", room_id, active, joined[0])
+
+
+async def _refuse_url(ws: AcceptedSocket, exc: ConnectRequestError) -> None:
+    log_event(
+        logging.WARNING,
+        "connect_refused",
+        "refused a connection: %s",
+        exc,
+        code=1008,
+        reason=str(exc),
+        error_code=exc.code,
+    )
+    await ws.aclose(1008, str(exc))
+
+
+async def _forward_if_elsewhere(
+    manager: RoomManager, request: HandshakeRequest, room_id: str
+) -> bool:
+    """Forward the connection to the node that serves ``room_id``, if another one
+    does; True once the forwarded connection has ended. False, the request still
+    unanswered, if the room is served here or may open here, or if the owner cannot be
+    reached (then the join below refuses it with 1013 while the lease lives, and the
+    client retries). The owner authorizes the client: nothing is checked here."""
+    owner = await manager.owner_elsewhere(room_id)
+    if owner is None:
+        return False
+    headers = {FORWARDED_HEADER: manager.ownership.node_id or "-"}
+    if request.remote is not None:
+        headers["X-Forwarded-For"] = request.remote[0]
+    try:
+        manager.stats.forwarded_connections += 1
+        await request.forward(owner.address, headers)
+    except ForwardingError as exc:
+        manager.stats.forward_failures += 1
+        log_event(logging.WARNING, "forward_failed", "room %r: %s", room_id, exc,
+                  room=room_id, owner=owner.node_id, address=owner.address, error=str(exc))
+        return False
+    return True
 
 
 async def _authorize_while_open(

@@ -12,7 +12,7 @@ import trio
 
 from .._logs import log_event
 from .._protocol import Limits
-from ..cluster._ownership import NotOwnerError, Ownership, SoleOwnership
+from ..cluster._ownership import NotOwnerError, Owner, Ownership, SoleOwnership
 from ..storage._base import Storage
 from ._history import DEFAULT_HISTORY_KEEP
 from ._room import (
@@ -144,6 +144,14 @@ class RoomManager:
     def get_existing_room(self, room_id: str) -> Room | None:
         """The open room with this id, or None. Never creates one."""
         return self._rooms.get(room_id)
+
+    async def owner_elsewhere(self, room_id: str) -> Owner | None:
+        """The other node that serves ``room_id`` now (see
+        :meth:`~canvas_store_trio.cluster.Ownership.owner_elsewhere`); None if the
+        room is open here, or may open here."""
+        if room_id in self._rooms:
+            return None
+        return await self.ownership.owner_elsewhere(room_id)
 
     async def get_or_create_room(self, room_id: str) -> Room:
         """The room with this id, loaded and taking sessions; created if needed.

@@ -62,6 +62,10 @@ class Stats:
     """Durable commits: one observation per commit batch the rooms took part in."""
     slow_client_closes: int = 0
     """Sessions closed (1008) because their outbox passed ``outbox_max_bytes``."""
+    forwarded_connections: int = 0
+    """Connections handed to the cluster node that owns their room."""
+    forward_failures: int = 0
+    """Of those, the ones whose owner could not be reached (the client got 1013)."""
     loop_lag_seconds: Histogram = attrs.Factory(Histogram)
     """How late the event loop woke a sleeping task (see ``ops.watch_loop_lag``)."""
 

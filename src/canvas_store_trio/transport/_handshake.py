@@ -26,6 +26,7 @@ import trio
 from trio_websocket import CloseReason, ConnectionClosed
 
 from .._logs import log_event
+from ._forward import forward_upgrade
 from ._http import (
     BadRequest,
     HttpHandler,
@@ -47,6 +48,11 @@ BODY_TIMEOUT = 60.0
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _TEXT = "text/plain; charset=utf-8"
+
+
+ForwardWith = Callable[[str, Mapping[str, str], Callable[[], None]], Awaitable[None]]
+"""``(address, headers, answered)``: splice the connection to ``address``
+(:func:`~._forward.forward_upgrade` on the connection's stream)."""
 
 
 class MessageSocket(Protocol):
@@ -98,6 +104,9 @@ class HandshakeRequest:
     _reject_with: Callable[[int, bytes], Awaitable[None]] = attrs.field(
         alias="reject_with", repr=False
     )
+    _forward_with: ForwardWith | None = attrs.field(
+        default=None, alias="forward_with", repr=False
+    )
     _answered: bool = attrs.field(default=False, init=False, repr=False)
 
     async def accept(self, *, subprotocol: str | None = None) -> AcceptedSocket:
@@ -116,6 +125,22 @@ class HandshakeRequest:
             raise ValueError(f"a rejection's status must be 400-599, not {status}")
         self._answer_once()
         await self._reject_with(status, body.encode() if isinstance(body, str) else body)
+
+    async def forward(self, address: str, headers: Mapping[str, str] | None = None) -> None:
+        """Hand the connection to the server at ``address`` (``host:port``): replay this
+        upgrade there, ``headers`` added, and splice bytes both ways until either side
+        closes (see :mod:`._forward`).
+
+        Raises :class:`~._forward.ForwardingError` if that server cannot be reached or
+        does not answer in time; the request is then still unanswered. Otherwise this
+        returns once the forwarded connection has ended, and the request counts as
+        answered (by the other server). Cancellation ends the splice.
+        """
+        if self._forward_with is None:
+            raise RuntimeError("this transport cannot forward connections")
+        if self._answered:
+            raise RuntimeError("this handshake was already answered")
+        await self._forward_with(address, headers or {}, self._answer_once)
 
     def _answer_once(self) -> None:
         if self._answered:
@@ -204,11 +229,14 @@ async def read_upgrade(
 
 
 def handshake_request(
-    request: HttpRequest,
+    stream: trio.abc.Stream,
+    upgrade: Upgrade,
     accept_with: Callable[[str | None], Awaitable[AcceptedSocket]],
     reject_with: Callable[[int, bytes], Awaitable[None]],
 ) -> HandshakeRequest:
-    """The handler's view of a well-formed upgrade, the same on both transports."""
+    """The handler's view of a well-formed upgrade read from ``stream``, the same on
+    both transports (either can forward it: nothing of the WebSocket has begun)."""
+    request = upgrade.request
     return HandshakeRequest(
         request.path,
         request.headers,
@@ -216,6 +244,7 @@ def handshake_request(
         offered_subprotocols(request.headers),
         accept_with=accept_with,
         reject_with=reject_with,
+        forward_with=functools.partial(forward_upgrade, stream, upgrade.head, upgrade.rest),
     )
 
 
@@ -242,7 +271,7 @@ async def serve_wire_stream(
             _accept, stream, upgrade.request, upgrade.rest, max_message_size, poller
         )
         reject = functools.partial(_reject, stream)
-        await handler(handshake_request(upgrade.request, accept, reject))
+        await handler(handshake_request(stream, upgrade, accept, reject))
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
         pass
     except Exception as exc:  # a bug in the handler: this connection ends, not the server

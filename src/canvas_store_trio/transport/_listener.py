@@ -150,7 +150,7 @@ async def serve_websocket_stream(
                 extra_headers = [(b"Content-Type", b"text/plain; charset=utf-8")]
                 await ws_request.reject(status, extra_headers=extra_headers, body=body)
 
-            await handler(handshake_request(upgrade.request, accept, reject))
+            await handler(handshake_request(stream, upgrade, accept, reject))
             if accepted:
                 await accepted[0].aclose()
                 nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT

@@ -1,0 +1,113 @@
+"""Forwarding a WebSocket upgrade to another server: replay its head, then splice bytes.
+
+A cluster node that does not own a room hands the connection to the node that does
+(:meth:`~canvas_store_trio.transport.HandshakeRequest.forward`). Nothing is parsed on
+the way: the upgrade's head is sent again with a few headers added (the loop marker
+:data:`FORWARDED_HEADER`, and ``X-Forwarded-For``), then bytes are copied both ways
+as they come, each direction waiting for the other side to take them (backpressure).
+Either transport can forward, since nothing of the WebSocket has begun yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+
+import trio
+
+FORWARDED_HEADER = "X-Canvas-Store-Forwarded"
+"""Added to a forwarded upgrade (its value: the forwarding node's id). A node never
+forwards a request that carries it, so no forwarding loop can form: a node that gets
+one for a room another node owns closes it with 1013, and the client retries."""
+
+FORWARD_TIMEOUT = 2.0
+"""Seconds the owner has to accept the TCP connection and start its answer. A node that
+cannot be reached, or is paused (the kernel accepts for it, nothing answers), is given
+up on, and the client is told to try again (1013) while the request is still ours."""
+
+CHUNK_SIZE = 65536
+"""Bytes read from one side at a time before they are written to the other."""
+
+DRAIN_TIMEOUT = 2.0
+"""Seconds the owner gets to finish after the client has sent its EOF."""
+
+
+class ForwardingError(Exception):
+    """The owner could not be reached, or did not answer in time. The request has not
+    been answered: the caller may still accept or reject it."""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` as ``(host, port)``; ValueError if malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not a host:port address: {address!r}")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def with_headers(head: bytes, headers: Mapping[str, str]) -> bytes:
+    """A request head (ending in a blank line) with ``headers`` added at its end."""
+    if any(ch in text for item in headers.items() for text in item for ch in "\r\n"):
+        raise ValueError("a forwarded header must not contain a line break")
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return head[:-2] + lines.encode("latin-1") + b"\r\n"
+
+
+async def forward_upgrade(
+    stream: trio.abc.Stream,
+    head: bytes,
+    rest: bytes,
+    address: str,
+    headers: Mapping[str, str],
+    answered: Callable[[], None],
+) -> None:
+    """Send the upgrade (``head`` with ``headers``, then ``rest``, the bytes that came
+    after it) to ``address`` and splice ``stream`` with the answer until either ends.
+
+    Raises :class:`ForwardingError` (having written nothing to ``stream``) if the owner
+    cannot be reached or sends nothing within :data:`FORWARD_TIMEOUT`; ``answered`` is
+    called once its first bytes are in, before they are passed on. From then on nothing
+    is raised but Cancelled: when the owner closes, the splice ends; when the client
+    sends EOF, the owner gets EOF too and :data:`DRAIN_TIMEOUT` to finish. The caller
+    closes ``stream``; the connection to the owner is closed here, cancelled or not.
+    """
+    request = with_headers(head, headers) + rest
+    upstream: trio.SocketStream | None = None
+    try:
+        host, port = split_address(address)
+        with trio.fail_after(FORWARD_TIMEOUT):
+            upstream = await trio.open_tcp_stream(host, port)
+            await upstream.send_all(request)
+            first = await upstream.receive_some(CHUNK_SIZE)
+    except (OSError, ValueError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+        if upstream is not None:
+            await trio.aclose_forcefully(upstream)
+        why = "did not answer in time" if isinstance(exc, trio.TooSlowError) else str(exc)
+        raise ForwardingError(f"cannot forward to {address}: {why}") from None
+    async with upstream:
+        if not first:
+            raise ForwardingError(f"cannot forward to {address}: it closed the connection")
+        answered()
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(first)
+            await _splice(stream, upstream)
+
+
+async def _splice(client: trio.abc.Stream, upstream: trio.SocketStream) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def owner_to_client() -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while data := await upstream.receive_some(CHUNK_SIZE):
+                    await client.send_all(data)
+            nursery.cancel_scope.cancel()  # the owner has finished: so has the splice
+
+        async def client_to_owner() -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while data := await client.receive_some(CHUNK_SIZE):
+                    await upstream.send_all(data)
+                await upstream.send_eof()
+            nursery.cancel_scope.deadline = trio.current_time() + DRAIN_TIMEOUT
+
+        nursery.start_soon(owner_to_client)
+        nursery.start_soon(client_to_owner)
