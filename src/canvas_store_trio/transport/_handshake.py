@@ -244,7 +244,8 @@ def handshake_request(
         offered_subprotocols(request.headers),
         accept_with=accept_with,
         reject_with=reject_with,
-        forward_with=functools.partial(forward_upgrade, stream, upgrade.head, upgrade.rest),
+        forward_with=functools.partial(forward_upgrade, stream, upgrade.head, upgrade.rest)
+        if isinstance(stream, trio.SocketStream) else None,
     )
 
 
