@@ -37,6 +37,8 @@ from canvas_store_trio import (
     VersionInfo,
     decode_snapshot,
 )
+from canvas_store_trio.cluster import Lease, Ownership, SoleOwnership
+from canvas_store_trio.cluster._ownership import LostHook
 
 POSTGRES_ENV = "CANVAS_STORE_TEST_POSTGRES"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -241,10 +243,23 @@ class CommandedStorage:
         return [set(changes.records) for changes in self.commits]
 
 
+class LosableOwnership(SoleOwnership):
+    """Owns every room, keeping each lease it hands out (``leases``), so a test can make
+    a room lose its lease: ``leases[room_id].lose(reason)``."""
+
+    def __init__(self) -> None:
+        self.leases: dict[str, Lease] = {}
+
+    async def acquire(self, room_id: str, on_lost: LostHook) -> Lease:
+        lease = self.leases[room_id] = await super().acquire(room_id, on_lost)
+        return lease
+
+
 @asynccontextmanager
-async def durable_manager(storage: CommandedStorage) -> AsyncIterator[RoomManager]:
+async def durable_manager(storage: CommandedStorage, ownership: Ownership | None = None
+                          ) -> AsyncIterator[RoomManager]:
     """Durable acks, ``storage`` for every room; saves only at close (the throttle is long)."""
     async with RoomManager(durable_acks=True, create_storage=lambda room_id: storage,
                            save_throttle=1000.0, idle_timeout=600.0, flush_timeout=60.0,
-                           limits=Limits(ping_interval=None)) as manager:
+                           limits=Limits(ping_interval=None), ownership=ownership) as manager:
         yield manager
