@@ -106,6 +106,35 @@ def postgres_schema(*, as_url: bool = False) -> Iterator[str]:
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
 
 
+def run_sql(conninfo: str, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """One statement in a connection of its own, committed; the rows it returned."""
+    import psycopg
+
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        cursor = conn.execute(query, params)
+        return cursor.fetchall() if cursor.description is not None else []
+
+
+async def sql(conninfo: str, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """:func:`run_sql` in a worker thread."""
+    return await trio.to_thread.run_sync(run_sql, conninfo, query, params)
+
+
+@asynccontextmanager
+async def rows_locked(conninfo: str, query: str, params: Sequence[Any] = ()
+                      ) -> AsyncIterator[None]:
+    """Run ``query`` (a ``SELECT ... FOR UPDATE``) and hold its row locks until the block
+    ends: other statements on those rows wait, as they would for a slow database."""
+    import psycopg
+
+    conn = await trio.to_thread.run_sync(lambda: psycopg.connect(conninfo))
+    try:
+        await trio.to_thread.run_sync(lambda: conn.execute(query, params).fetchall())
+        yield
+    finally:
+        await trio.to_thread.run_sync(conn.close)  # rolls back: the locks go
+
+
 async def save_like_a_room(storage: Storage, document: Document) -> None:
     """Save as a room does: only the changes on an incremental storage, else everything."""
     if isinstance(storage, IncrementalStorage):
