@@ -15,8 +15,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any
 from urllib.request import urlopen
 
@@ -25,11 +25,10 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from canvas_store_trio import open_storage_backend
 from canvas_store_trio.testing import FrameClient
 
-from .processes import Server, server_process
-from .storage_helpers import postgres_schema, rows_locked, sql
+from .processes import Server, cluster_nodes, cluster_options
+from .storage_helpers import postgres_schema, rows_locked, sql, stored_state
 
 pytestmark = pytest.mark.processes
 
@@ -38,20 +37,6 @@ pytestmark = pytest.mark.processes
 def url() -> Iterator[str]:
     with postgres_schema(as_url=True) as url:
         yield url
-
-
-def cluster_options(url: str, node_id: str, ttl: float) -> tuple[str, ...]:
-    return ("--storage", url, "--cluster", "--node-id", node_id, "--lease-ttl", str(ttl))
-
-
-@asynccontextmanager
-async def nodes(url: str, count: int, ttl: float) -> AsyncIterator[list[Server]]:
-    async with AsyncExitStack() as stack:
-        servers = []
-        for n in range(count):
-            servers.append(await stack.enter_async_context(
-                server_process(*cluster_options(url, f"n{n}", ttl))))
-        yield servers
 
 
 async def join(stack: AsyncExitStack, server: Server, room: str, client_id: str
@@ -99,14 +84,8 @@ def synced_state(frames: list[dict[str, Any]]) -> dict[str, Any]:
     return state
 
 
-async def stored(url: str, room: str) -> dict[str, Any]:
-    async with open_storage_backend(url) as backend:
-        snapshot = await backend.create_storage(room).load()
-    return {} if snapshot is None else dict(snapshot.state)
-
-
 async def test_fifty_racing_clients_on_three_nodes_find_one_owner(url: str) -> None:
-    async with nodes(url, 3, ttl=5) as servers:
+    async with cluster_nodes(url, 3, ttl=5) as servers:
         results: list[tuple[int, int | None]] = []  # (node, close code or None if served)
         everyone_answered = trio.Event()
 
@@ -133,7 +112,7 @@ async def test_fifty_racing_clients_on_three_nodes_find_one_owner(url: str) -> N
 
 async def test_kill_9_the_owner_and_another_node_serves_every_acked_edit(url: str) -> None:
     ttl = 2.0
-    async with nodes(url, 2, ttl) as (a, b), AsyncExitStack() as stack:
+    async with cluster_nodes(url, 2, ttl) as (a, b), AsyncExitStack() as stack:
         owner, _ = await join_when_served(stack, a, "room", "alice", 5)
         for value in range(1, 6):
             await edit(owner, "k", value)
@@ -205,7 +184,7 @@ async def test_a_paused_owner_wakes_fenced_writes_nothing_and_closes_1012(url: s
     refuses it, and the clients get 1013; without the fence too, the edit is acked and
     written)."""
     ttl = 2.0
-    async with nodes(url, 2, ttl) as (a, b), AsyncExitStack() as stack:
+    async with cluster_nodes(url, 2, ttl) as (a, b), AsyncExitStack() as stack:
         stale, _ = await join_when_served(stack, a, "room", "alice", 5)
         watcher, _ = await join_when_served(stack, a, "room", "carol", 5)
         await edit(stale, "k", 1)
@@ -229,7 +208,7 @@ async def test_a_paused_owner_wakes_fenced_writes_nothing_and_closes_1012(url: s
         assert (alice_code, carol_code) == (1012, 1012), a.log.decode(errors="replace")
         assert not edit_frames(alice_saw) and not edit_frames(carol_saw), (alice_saw, carol_saw)
         await trio.sleep(0.5)  # anything A still tried to write would have landed
-        assert await stored(url, "room") == {"k": {"_exists": True, "v": 2}}
+        assert await stored_state(url, "room") == {"k": {"_exists": True, "v": 2}}
         assert await leases(url) == [("room", "n1", 2, True)]  # A let B's lease be
         await held.aclose()
         await edit(bob, "k", 3)  # B still owns it
@@ -245,7 +224,7 @@ async def test_an_owner_that_missed_its_lease_changing_hands_writes_nothing(url:
     Fails when the fence is off (``PostgresLeases.check`` a no-op): A then acks the edit
     and writes it over B's room."""
     ttl = 10.0  # A's own reckoning cannot run out during the test
-    async with nodes(url, 2, ttl) as (a, b), AsyncExitStack() as stack:
+    async with cluster_nodes(url, 2, ttl) as (a, b), AsyncExitStack() as stack:
         stale, _ = await join_when_served(stack, a, "room", "alice", 5)
         watcher, _ = await join_when_served(stack, a, "room", "carol", 5)
         await edit(stale, "k", 1)
@@ -271,7 +250,7 @@ async def test_an_owner_that_missed_its_lease_changing_hands_writes_nothing(url:
         assert (alice_code, carol_code) == (1013, 1013), a.log.decode(errors="replace")
         assert not edit_frames(alice_saw) and not edit_frames(carol_saw), (alice_saw, carol_saw)
         assert b"no longer holds the lease of room(s) 'room'" in a.log
-        assert await stored(url, "room") == {"k": {"_exists": True, "v": 2}}
+        assert await stored_state(url, "room") == {"k": {"_exists": True, "v": 2}}
         assert await leases(url) == [("room", "n1", 2, True)]
         await held.aclose()
         await edit(bob, "k", 3)
@@ -279,7 +258,7 @@ async def test_an_owner_that_missed_its_lease_changing_hands_writes_nothing(url:
 
 async def test_sigterm_hands_the_room_over_at_once(url: str) -> None:
     ttl = 10.0  # far longer than the hand-over may take
-    async with nodes(url, 2, ttl) as (a, b), AsyncExitStack() as stack:
+    async with cluster_nodes(url, 2, ttl) as (a, b), AsyncExitStack() as stack:
         alice, _ = await join_when_served(stack, a, "room", "alice", 5)
         await edit(alice, "k", 1)
         a.process.send_signal(signal.SIGTERM)
@@ -298,7 +277,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_cluster_status_and_a_second_live_node_with_the_same_id(url: str) -> None:
-    async with nodes(url, 2, ttl=5) as (a, b), AsyncExitStack() as stack:
+    async with cluster_nodes(url, 2, ttl=5) as (a, b), AsyncExitStack() as stack:
         await join_when_served(stack, a, "r1", "x", 5)
         await join_when_served(stack, a, "r2", "y", 5)
         await join_when_served(stack, b, "r3", "z", 5)
