@@ -181,7 +181,7 @@ def main() -> None:
         for editors in args.editors or [1, 20]:
             sides = trio.run(measure, a, b, editors, args.rounds, args.seconds)
 
-            def med(side: str, key: str) -> float:
+            def med(side: str, key: str, sides: dict[str, Any] = sides) -> float:
                 return statistics.median(run[key] for run in sides[side])
 
             per_ack = statistics.median(

@@ -10,13 +10,20 @@ when ``$CI`` is set and are skipped, with the reason, elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import pwd
 import random
+import shutil
+import socket
+import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -36,7 +43,10 @@ from canvas_store_trio import (
     StorageError,
     VersionInfo,
     decode_snapshot,
+    open_storage_backend,
 )
+from canvas_store_trio.cluster import Lease, Ownership, SoleOwnership
+from canvas_store_trio.cluster._ownership import LostHook
 
 POSTGRES_ENV = "CANVAS_STORE_TEST_POSTGRES"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -102,6 +112,158 @@ def postgres_schema(*, as_url: bool = False) -> Iterator[str]:
                 (name,),
             )
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+
+
+def run_sql(conninfo: str, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """One statement in a connection of its own, committed; the rows it returned."""
+    import psycopg
+
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        cursor = conn.execute(query, params)
+        return cursor.fetchall() if cursor.description is not None else []
+
+
+async def sql(conninfo: str, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """:func:`run_sql` in a worker thread."""
+    return await trio.to_thread.run_sync(run_sql, conninfo, query, params)
+
+
+async def stored_state(storage_url: str, room: str) -> dict[str, Any]:
+    """The document of ``room`` as storage holds it (read the way a server loads it)."""
+    async with open_storage_backend(storage_url) as backend:
+        snapshot = await backend.create_storage(room).load()
+    return {} if snapshot is None else dict(snapshot.state)
+
+
+@asynccontextmanager
+async def rows_locked(conninfo: str, query: str, params: Sequence[Any] = ()
+                      ) -> AsyncIterator[None]:
+    """Run ``query`` (a ``SELECT ... FOR UPDATE``) and hold its row locks until the block
+    ends: other statements on those rows wait, as they would for a slow database."""
+    import psycopg
+
+    conn = await trio.to_thread.run_sync(lambda: psycopg.connect(conninfo))
+    try:
+        await trio.to_thread.run_sync(lambda: conn.execute(query, params).fetchall())
+        yield
+    finally:
+        await trio.to_thread.run_sync(conn.close)  # rolls back: the locks go
+
+
+# --- a PostgreSQL server of the test's own -------------------------------------------------
+
+
+def postgres_bindir() -> Path | None:
+    """Where PostgreSQL's server programs (initdb, pg_ctl) are: ``pg_config --bindir``,
+    else what the test server says (its ``pg_config`` view); None if neither knows."""
+    candidates = []
+    if shutil.which("pg_config"):
+        done = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
+                              check=False)
+        candidates.append(done.stdout.strip())
+    if _postgres_problem(postgres_url()) is None:
+        with contextlib.suppress(Exception):
+            candidates += [row[0] for row in run_sql(
+                postgres_url(), "SELECT setting FROM pg_config WHERE name = 'BINDIR'")]
+    for folder in candidates:
+        if folder and all((Path(folder) / name).is_file() for name in ("initdb", "pg_ctl")):
+            return Path(folder)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@attrs.define
+class PrivatePostgres:
+    """A PostgreSQL server of one test's own, which it may stop and start at will; see
+    :func:`private_postgres`."""
+
+    bindir: Path
+    folder: Path
+    port: int
+    as_owner: list[str]
+    """The command prefix that runs a program as the data folder's owner."""
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def data(self) -> Path:
+        return self.folder / "data"
+
+    def pg_ctl(self, *args: str) -> None:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder}"
+        done = subprocess.run(
+            [*self.as_owner, str(self.bindir / "pg_ctl"), *args, "-D", str(self.data),
+             "-l", str(self.folder / "server.log"), "-o", options, "-w", "-t", "60"],
+            capture_output=True, text=True, timeout=90, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"pg_ctl {' '.join(args)} failed: {done.stdout}{done.stderr}"
+                               f"{self.server_log()[-2000:]}")
+
+    def start(self) -> None:
+        self.pg_ctl("start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self.pg_ctl("stop", "-m", mode)
+
+    def server_log(self) -> str:
+        try:
+            return (self.folder / "server.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+@contextmanager
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A fresh PostgreSQL server on a free loopback port (trust auth, superuser
+    ``postgres``), in a temporary folder; stopped and removed on the way out.
+
+    Skips, with the reason, where it cannot be made: no initdb/pg_ctl to be found, or
+    running as root (which initdb refuses) without a ``postgres`` user to run it as.
+    """
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL's initdb and pg_ctl were not found (pg_config is not on "
+                    "PATH, and no test server says where its programs are)")
+    as_owner: list[str] = []
+    owner = None
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root, which initdb refuses, and there is no postgres "
+                        "user to run it as")
+        runuser = shutil.which("runuser")
+        if runuser is None:
+            pytest.skip("running as root, which initdb refuses, and runuser is missing")
+        as_owner = [runuser, "-u", "postgres", "--"]
+    # Not under pytest's tmp_path: as root that is a folder no other user may enter.
+    folder = Path(tempfile.mkdtemp(prefix="cst-postgres-"))
+    try:
+        if owner is not None:
+            os.chown(folder, owner.pw_uid, owner.pw_gid)
+        done = subprocess.run(
+            [*as_owner, str(bindir / "initdb"), "-D", str(folder / "data"), "-U", "postgres",
+             "--auth=trust", "-E", "UTF8", "--no-sync"],
+            capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb failed: {done.stdout}{done.stderr}")
+        server = PrivatePostgres(bindir, folder, free_port(), as_owner)
+        server.start()
+        try:
+            yield server
+        finally:
+            with contextlib.suppress(Exception):
+                server.stop("immediate")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def save_like_a_room(storage: Storage, document: Document) -> None:
@@ -241,10 +403,23 @@ class CommandedStorage:
         return [set(changes.records) for changes in self.commits]
 
 
+class LosableOwnership(SoleOwnership):
+    """Owns every room, keeping each lease it hands out (``leases``), so a test can make
+    a room lose its lease: ``leases[room_id].lose(reason)``."""
+
+    def __init__(self) -> None:
+        self.leases: dict[str, Lease] = {}
+
+    async def acquire(self, room_id: str, on_lost: LostHook) -> Lease:
+        lease = self.leases[room_id] = await super().acquire(room_id, on_lost)
+        return lease
+
+
 @asynccontextmanager
-async def durable_manager(storage: CommandedStorage) -> AsyncIterator[RoomManager]:
+async def durable_manager(storage: CommandedStorage, ownership: Ownership | None = None
+                          ) -> AsyncIterator[RoomManager]:
     """Durable acks, ``storage`` for every room; saves only at close (the throttle is long)."""
     async with RoomManager(durable_acks=True, create_storage=lambda room_id: storage,
                            save_throttle=1000.0, idle_timeout=600.0, flush_timeout=60.0,
-                           limits=Limits(ping_interval=None)) as manager:
+                           limits=Limits(ping_interval=None), ownership=ownership) as manager:
         yield manager

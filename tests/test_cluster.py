@@ -3,7 +3,9 @@
 Each test runs ``serve --cluster`` processes on one fresh schema, with raw protocol
 clients on real sockets: a takeover after kill -9 that serves
 every acked edit, a SIGSTOPped owner that wakes up fenced (it writes nothing and closes
-its sessions 1012 within 1 s), a SIGTERM that hands rooms over at once, and the CLI.
+its sessions 1012 within 1 s), an owner that missed its lease changing hands and is
+stopped by the write fence alone, a SIGTERM that hands rooms over at once, and the CLI.
+With the real npm client: tests/test_cluster_failures.py.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any
 from urllib.request import urlopen
 
@@ -22,31 +24,18 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from canvas_store_trio import open_storage_backend
 from canvas_store_trio.testing import FrameClient
 
-from .processes import Server, server_process
-from .storage_helpers import postgres_schema
+from .processes import Server, cluster_nodes, cluster_options
+from .storage_helpers import postgres_schema, rows_locked, sql, stored_state
+
+pytestmark = pytest.mark.processes
 
 
 @pytest.fixture
 def url() -> Iterator[str]:
     with postgres_schema(as_url=True) as url:
         yield url
-
-
-def cluster_options(url: str, node_id: str, ttl: float) -> tuple[str, ...]:
-    return ("--storage", url, "--cluster", "--node-id", node_id, "--lease-ttl", str(ttl))
-
-
-@asynccontextmanager
-async def nodes(url: str, count: int, ttl: float) -> AsyncIterator[list[Server]]:
-    async with AsyncExitStack() as stack:
-        servers = []
-        for n in range(count):
-            servers.append(await stack.enter_async_context(
-                server_process(*cluster_options(url, f"n{n}", ttl))))
-        yield servers
 
 
 async def join(stack: AsyncExitStack, server: Server, room: str, client_id: str
@@ -95,15 +84,9 @@ def synced_state(frames: list[dict[str, Any]]) -> dict[str, Any]:
     return state
 
 
-async def stored(url: str, room: str) -> dict[str, Any]:
-    async with open_storage_backend(url) as backend:
-        snapshot = await backend.create_storage(room).load()
-    return {} if snapshot is None else dict(snapshot.state)
-
-
 async def test_kill_9_the_owner_and_another_node_serves_every_acked_edit(url: str) -> None:
     ttl = 2.0
-    async with nodes(url, 2, ttl) as (a, b), AsyncExitStack() as stack:
+    async with cluster_nodes(url, 2, ttl) as (a, b), AsyncExitStack() as stack:
         owner, _ = await join_when_served(stack, a, "room", "alice", 5)
         for value in range(1, 6):
             await edit(owner, "k", value)
@@ -116,11 +99,70 @@ async def test_kill_9_the_owner_and_another_node_serves_every_acked_edit(url: st
         assert synced_state(frames)["k"]["v"] == 5
 
 
+async def leases(url: str) -> list[tuple[str, str, int, bool]]:
+    """Every row of the leases table: (room, owner, epoch, unexpired)."""
+    rows = await sql(url, "SELECT room, owner, epoch, expires_at > now() "
+                          "FROM canvas_store_leases ORDER BY room")
+    return [(room, owner, epoch, live) for room, owner, epoch, live in rows]
+
+
+async def renewed(url: str, node_id: str) -> None:
+    """Return right after the node's next renewal (its row's expiry moves)."""
+    query = "SELECT expires_at FROM canvas_store_nodes WHERE id = %s"
+    before = await sql(url, query, (node_id,))
+    with trio.fail_after(10):
+        while await sql(url, query, (node_id,)) == before:
+            await trio.sleep(0.01)
+
+
+def renewals_held_up(url: str, node_id: str) -> AbstractAsyncContextManager[None]:
+    """While the block runs, the node's renewals wait in PostgreSQL (its row is locked, as
+    a slow database would hold them up): it cannot learn from them that a lease is gone."""
+    return rows_locked(url, "SELECT 1 FROM canvas_store_nodes WHERE id = %s FOR UPDATE",
+                       (node_id,))
+
+
+async def frames_until_closed(clients: list[FrameClient], timeout: float
+                              ) -> list[tuple[list[dict[str, Any]], int | None]]:
+    """Every frame each client gets until its socket closes, and the close code; fails
+    unless all have closed within ``timeout``."""
+    results: list[tuple[list[dict[str, Any]], int | None]] = [([], None) for _ in clients]
+
+    async def read(n: int, c: FrameClient) -> None:
+        frames = results[n][0]
+        try:
+            while True:
+                frames.append(orjson.loads(await c.socket.get_message()))
+        except ConnectionClosed as exc:
+            results[n] = (frames, None if exc.reason is None else exc.reason.code)
+
+    with trio.fail_after(timeout):
+        async with trio.open_nursery() as nursery:
+            for n, c in enumerate(clients):
+                nursery.start_soon(read, n, c)
+    return results
+
+
+def edit_frames(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The frames that tell of a document edit: acks, and anything with document patches."""
+    return [f for f in frames if f["type"] == "ack" or f.get("documentPatches")]
+
+
 async def test_a_paused_owner_wakes_fenced_writes_nothing_and_closes_1012(url: str) -> None:
+    """A sleeps (SIGSTOP) past its lease; B takes the room. When A wakes, its renewals
+    are held up (the database is slow), so only its own reckoning of the lease can stop
+    it: it must close both its clients with 1012 within 1 s, tell neither of the edit
+    that waited in its socket, and write nothing.
+
+    Fails when the self-fencing is skipped (A then commits the waiting edit, the fence
+    refuses it, and the clients get 1013; without the fence too, the edit is acked and
+    written)."""
     ttl = 2.0
-    async with nodes(url, 2, ttl) as (a, b), AsyncExitStack() as stack:
+    async with cluster_nodes(url, 2, ttl) as (a, b), AsyncExitStack() as stack:
         stale, _ = await join_when_served(stack, a, "room", "alice", 5)
+        watcher, _ = await join_when_served(stack, a, "room", "carol", 5)
         await edit(stale, "k", 1)
+        assert edit_frames(await watcher.drain(0.2))  # carol hears of A's edits
         os.kill(a.process.pid, signal.SIGSTOP)
         try:
             # Sent while A sleeps: A reads it when it wakes, and must not commit it.
@@ -129,28 +171,68 @@ async def test_a_paused_owner_wakes_fenced_writes_nothing_and_closes_1012(url: s
             bob, frames = await join_when_served(stack, b, "room", "bob", ttl + 3)
             assert synced_state(frames)["k"]["v"] == 1
             await edit(bob, "k", 2)
+            held = await stack.enter_async_context(AsyncExitStack())
+            await held.enter_async_context(renewals_held_up(url, "n0"))
         finally:
             os.kill(a.process.pid, signal.SIGCONT)
         woke = trio.current_time()
-        seen: list[dict[str, Any]] = []
-        with trio.fail_after(1.0):
-            try:
-                while True:
-                    seen.append(orjson.loads(await stale.socket.get_message()))
-            except ConnectionClosed as exc:
-                assert exc.reason is not None and exc.reason.code == 1012
+        (alice_saw, alice_code), (carol_saw, carol_code) = await frames_until_closed(
+            [stale, watcher], timeout=1.0)
         assert trio.current_time() - woke < 1.0
-        assert not [f for f in seen if f["type"] == "ack" or f.get("documentPatches")], seen
+        assert (alice_code, carol_code) == (1012, 1012), a.log.decode(errors="replace")
+        assert not edit_frames(alice_saw) and not edit_frames(carol_saw), (alice_saw, carol_saw)
         await trio.sleep(0.5)  # anything A still tried to write would have landed
-        state = await stored(url, "room")
-        assert state["k"]["v"] == 2 and "stale" not in state
+        assert await stored_state(url, "room") == {"k": {"_exists": True, "v": 2}}
+        assert await leases(url) == [("room", "n1", 2, True)]  # A let B's lease be
+        await held.aclose()
         await edit(bob, "k", 3)  # B still owns it
-        assert b"lease_lost" in a.log or b"lost its lease" in a.log
+        assert b"lost its lease (not renewed" in a.log
+
+
+async def test_an_owner_that_missed_its_lease_changing_hands_writes_nothing(url: str) -> None:
+    """The write fence, on its own: A sleeps only briefly, too briefly to notice, but the
+    database has meanwhile let its lease go (expired here by hand) and B has taken the
+    room. A wakes still thinking it owns the room, with renewals held up, and reads an
+    edit: the fence must refuse its commit, so nothing is acked, broadcast or written.
+
+    Fails when the fence is off (``PostgresLeases.check`` a no-op): A then acks the edit
+    and writes it over B's room."""
+    ttl = 10.0  # A's own reckoning cannot run out during the test
+    async with cluster_nodes(url, 2, ttl) as (a, b), AsyncExitStack() as stack:
+        stale, _ = await join_when_served(stack, a, "room", "alice", 5)
+        watcher, _ = await join_when_served(stack, a, "room", "carol", 5)
+        await edit(stale, "k", 1)
+        await watcher.drain(0.2)
+        await renewed(url, "n0")  # the next renewal is ttl / 4 away
+        os.kill(a.process.pid, signal.SIGSTOP)
+        try:
+            paused = trio.current_time()
+            await sql(url, "UPDATE canvas_store_leases SET expires_at = now() WHERE room = %s",
+                      ("room",))
+            bob, _ = await join_when_served(stack, b, "room", "bob", 3)
+            await edit(bob, "k", 2)
+            await stale.send(type="patch", messageId="late",
+                             documentPatches=[{"stale": {"_exists": True, "v": 1}}])
+            held = await stack.enter_async_context(AsyncExitStack())
+            await held.enter_async_context(renewals_held_up(url, "n0"))
+            assert trio.current_time() - paused < ttl / 4  # no renewal was due meanwhile
+        finally:
+            os.kill(a.process.pid, signal.SIGCONT)
+        (alice_saw, alice_code), (carol_saw, carol_code) = await frames_until_closed(
+            [stale, watcher], timeout=2.0)
+        # The refused commit closes the room as a failed commit does: try again later.
+        assert (alice_code, carol_code) == (1013, 1013), a.log.decode(errors="replace")
+        assert not edit_frames(alice_saw) and not edit_frames(carol_saw), (alice_saw, carol_saw)
+        assert b"no longer holds the lease of room(s) 'room'" in a.log
+        assert await stored_state(url, "room") == {"k": {"_exists": True, "v": 2}}
+        assert await leases(url) == [("room", "n1", 2, True)]
+        await held.aclose()
+        await edit(bob, "k", 3)
 
 
 async def test_sigterm_hands_the_room_over_at_once(url: str) -> None:
     ttl = 10.0  # far longer than the hand-over may take
-    async with nodes(url, 2, ttl) as (a, b), AsyncExitStack() as stack:
+    async with cluster_nodes(url, 2, ttl) as (a, b), AsyncExitStack() as stack:
         alice, _ = await join_when_served(stack, a, "room", "alice", 5)
         await edit(alice, "k", 1)
         a.process.send_signal(signal.SIGTERM)
@@ -169,7 +251,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_cluster_status_and_a_second_live_node_with_the_same_id(url: str) -> None:
-    async with nodes(url, 2, ttl=5) as (a, b), AsyncExitStack() as stack:
+    async with cluster_nodes(url, 2, ttl=5) as (a, b), AsyncExitStack() as stack:
         await join_when_served(stack, a, "r1", "x", 5)
         await join_when_served(stack, a, "r2", "y", 5)
         await join_when_served(stack, b, "r3", "z", 5)

@@ -21,8 +21,8 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from canvas_store_trio import open_storage_backend
 from canvas_store_trio.cluster import cluster_status
 
-from .processes import Server, npm_peer, npm_until
-from .test_cluster import edit, join, join_when_served, nodes, synced_state, url
+from .processes import Server, cluster_nodes, npm_peer, npm_until
+from .test_cluster import edit, join, join_when_served, synced_state, url
 
 __all__ = ["url"]  # the fixture
 
@@ -51,7 +51,7 @@ def live(key: str, **fields: Any) -> dict[str, Any]:
 
 @pytest.mark.node
 async def test_npm_clients_on_three_nodes_converge_through_the_owner(url: str) -> None:
-    async with nodes(url, 3, ttl=5) as servers, AsyncExitStack() as stack:
+    async with cluster_nodes(url, 3, ttl=5) as servers, AsyncExitStack() as stack:
         peers = []
         for n, server in enumerate(servers):  # n0 first: it takes the room's lease
             peer = await stack.enter_async_context(
@@ -93,7 +93,7 @@ async def test_npm_clients_on_three_nodes_converge_through_the_owner(url: str) -
 
 
 async def test_a_forwarded_request_is_not_forwarded_again(url: str) -> None:
-    async with nodes(url, 2, ttl=5) as (a, b), AsyncExitStack() as stack:
+    async with cluster_nodes(url, 2, ttl=5) as (a, b), AsyncExitStack() as stack:
         owner, _ = await join_when_served(stack, a, "room", "alice", 5)
         # As if another node had forwarded it here: B must not pass it on to A.
         ws = await stack.enter_async_context(open_websocket_url(
@@ -113,7 +113,7 @@ async def test_a_forwarded_request_is_not_forwarded_again(url: str) -> None:
 async def test_when_the_owner_dies_forwarded_clients_reconnect_to_a_new_owner(
         url: str) -> None:
     ttl = 2.0
-    async with nodes(url, 2, ttl) as (a, b), AsyncExitStack() as stack:
+    async with cluster_nodes(url, 2, ttl) as (a, b), AsyncExitStack() as stack:
         await join_when_served(stack, a, "room", "alice", 5)
         bob, _ = await join_when_served(stack, b, "room", "bob", 5)  # forwarded to A
         for value in range(1, 4):
@@ -135,7 +135,7 @@ async def test_when_the_owner_dies_forwarded_clients_reconnect_to_a_new_owner(
 
 
 async def test_fifty_clients_racing_on_three_nodes_all_reach_the_one_owner(url: str) -> None:
-    async with nodes(url, 3, ttl=5) as servers:
+    async with cluster_nodes(url, 3, ttl=5) as servers:
         joined: list[int] = []
         seen: list[int] = []
         everyone_joined, counted, edited = trio.Event(), trio.Event(), trio.Event()

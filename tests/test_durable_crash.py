@@ -21,15 +21,12 @@ import functools
 import itertools
 import random
 import signal
-import subprocess
-from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
 import attrs
-import orjson
 import pytest
 import trio
 
@@ -37,11 +34,10 @@ from canvas_store_trio import Snapshot, decode_snapshot, open_storage_backend
 from canvas_store_trio.testing import FrameClient
 
 from .conftest import frames_of, node_modules
-from .processes import Server, client, server_process
+from .processes import client, editors, lost_edits, read_room, server_process
 from .storage_helpers import postgres_schema
 
 DURABLE = ("--durable-acks",)
-EDITOR_SCRIPT = Path(__file__).resolve().parent / "node" / "durable_editor.mjs"
 ROUNDS = 5
 
 
@@ -77,148 +73,6 @@ async def load_rooms(place: Place, rooms: list[str]) -> dict[str, Snapshot]:
             snapshot = await backend.create_storage(room).load()
             found[room] = snapshot or Snapshot(0, {}, {})  # never saved
     return found
-
-
-# --- the npm clients ---------------------------------------------------------------------
-
-
-@attrs.define
-class EditorLog:
-    """What the node editors reported, folded as it arrives."""
-
-    acked: dict[str, dict[str, int]] = attrs.Factory(lambda: defaultdict(dict))
-    """room -> key -> the highest value an ack covered"""
-    top_ack: dict[str, int] = attrs.Factory(lambda: defaultdict(int))
-    """room -> the highest ack timestamp"""
-    acks: int = 0
-    synced: dict[str, list[int]] = attrs.Factory(lambda: defaultdict(list))
-    """client -> the timestamp of each ``synced`` it got, one per connection"""
-    closed: dict[str, int] = attrs.Factory(lambda: defaultdict(int))
-    close_codes: list[tuple[str, int]] = attrs.Factory(list)
-    resyncs: list[dict[str, Any]] = attrs.Factory(list)
-    reconnects: list[dict[str, Any]] = attrs.Factory(list)
-    """Every ``reconnect`` frame the editors sent, with the values it carried."""
-    still_in_flight: list[dict[str, Any]] = attrs.Factory(list)
-    errors: list[str] = attrs.Factory(list)
-    changed: trio.Event = attrs.Factory(trio.Event)
-
-    def take(self, event: dict[str, Any]) -> None:
-        kind = event["event"]
-        if kind == "ack":
-            self.acks += 1
-            room = event["room"]
-            mine = self.acked[room]
-            for key, value in event["values"].items():
-                mine[key] = max(mine.get(key, value), value)
-            self.top_ack[room] = max(self.top_ack[room], event["timestamp"])
-            if event["inFlight"]:
-                self.still_in_flight.append(event)
-        elif kind == "synced":
-            self.synced[event["client"]].append(event["timestamp"])
-        elif kind == "closed":
-            self.closed[event["client"]] += 1
-            self.close_codes.append((event["client"], event["code"]))
-        elif kind == "resync":
-            self.resyncs.append(event)
-        elif kind == "reconnect":
-            self.reconnects.append(event)
-        elif kind == "error":
-            self.errors.append(event["message"])
-        self.changed.set()
-        self.changed = trio.Event()
-
-    def all_synced(self, clients: list[str], times: int) -> bool:
-        return all(len(self.synced[c]) >= times for c in clients)
-
-    def all_closed_since(self, before: dict[str, int]) -> bool:
-        """Whether every client's socket closed since ``closed`` was ``before``."""
-        return all(self.closed[c] > n for c, n in before.items())
-
-    async def wait_for(self, what: str, condition: Any, timeout: float) -> None:
-        with trio.move_on_after(timeout):
-            while not condition():
-                assert not self.errors, self.errors
-                await self.changed.wait()
-            return
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}: {self.summary()}")
-
-    def summary(self) -> str:
-        return (f"{self.acks} acks, synced {dict(self.synced)}, closed {dict(self.closed)}, "
-                f"errors {self.errors}")
-
-
-@asynccontextmanager
-async def editors(url: str, rooms: list[str], clients: int, modules: str
-                  ) -> AsyncIterator[EditorLog]:
-    """tests/node/durable_editor.mjs: ``clients`` npm clients per room, editing at once,
-    loading the npm packages from the folder ``modules``.
-
-    On the way out it is told to stop, and must exit 0.
-    """
-    process = await trio.lowlevel.open_process(
-        ["node", str(EDITOR_SCRIPT), "--url", url, "--clients", str(clients),
-         "--node-modules", modules, *(f"--room={room}" for room in rooms)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert process.stdin is not None and process.stdout is not None
-    assert process.stderr is not None
-    log = EditorLog()
-    stderr = bytearray()
-    try:
-        async with trio.open_nursery() as nursery:
-
-            async def read_events() -> None:
-                assert process.stdout is not None
-                pending = b""
-                while chunk := await process.stdout.receive_some(65536):
-                    *lines, pending = (pending + chunk).split(b"\n")
-                    for line in lines:
-                        log.take(orjson.loads(line))
-
-            async def read_stderr() -> None:
-                assert process.stderr is not None
-                while chunk := await process.stderr.receive_some(65536):
-                    stderr.extend(chunk)
-
-            nursery.start_soon(read_events)
-            nursery.start_soon(read_stderr)
-            yield log
-            with trio.fail_after(10):
-                await process.stdin.send_all(b"stop\n")
-                await process.stdin.aclose()
-                await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-    assert process.returncode == 0, (process.returncode, log.errors, stderr.decode()[-3000:])
-    assert not log.errors, log.errors
-
-
-def lost_edits(acked: dict[str, int], state: dict[str, Any]) -> dict[str, tuple[int, Any]]:
-    """The acked keys whose stored value is older than the last acked one (key -> both).
-
-    Each key has one writer, whose values only grow: last writer wins, so a value at
-    least as new as the last acked one is right.
-    """
-    lost = {}
-    for key, value in acked.items():
-        record = state.get(key, {})
-        stored = record.get("v") if record.get("_exists", True) else None
-        if not (isinstance(stored, int) and stored >= value):
-            lost[key] = (value, stored)
-    return lost
-
-
-async def read_room(server: Server, room: str) -> tuple[dict[str, Any], int]:
-    """The room as a fresh raw client gets it: (the diff since 0, the synced timestamp)."""
-    async with client(server, room, f"reader-{random.randrange(10**9)}") as reader:
-        frames = await reader.reconnect()
-    diff: dict[str, Any] = {}
-    for patch in frames_of(frames, "patch"):  # presence comes too; only one has the diff
-        for document_patch in patch.get("documentPatches", ()):
-            diff.update(document_patch)
-    return diff, frames[-1]["timestamp"]
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from canvas_store_trio import (
 from canvas_store_trio.testing import FrameClient
 
 from .conftest import connect, frames_of, joined
-from .storage_helpers import CommandedStorage, durable_manager
+from .storage_helpers import CommandedStorage, LosableOwnership, durable_manager
 
 NO_PINGS = Limits(ping_interval=None)
 QUIET = 5.0
@@ -249,6 +249,33 @@ async def test_a_failed_commit_acks_nothing_closes_the_room_1013_and_keeps_what_
     committed = set().union(*storage.committed_keys())
     assert committed == {"kept0/c", "kept1/c", "kept2/c", "lost-a/c"}
     assert not {"lost-b/c", "bad/c", "worse/c"} & set(storage.records)  # never applied
+
+
+async def test_a_room_that_loses_its_lease_commits_nothing_more_and_acks_nothing(
+    autojump_clock: Any, storage: CommandedStorage
+) -> None:
+    """Once a room hears that its lease is gone (another node may own the room now), the
+    edits it applied but has not committed are never committed, nor acked: only a commit
+    already in flight ends as the storage decides (in a cluster, the write fence)."""
+    ownership = LosableOwnership()
+    async with durable_manager(storage, ownership) as manager:
+        async with joined(manager, "a") as a, joined(manager, "b") as b:
+            await edit(a, "kept/c")
+            await take(a, "ack", 1)
+            storage.block()
+            await edit(a, "in-flight/c")
+            await storage.wait_attempts(2)
+            await edit(b, "applied/c")  # applied, waiting for the next commit
+            await b.drain(QUIET)
+            ownership.leases["r"].lose("another node took it")
+            storage.release()
+            for client in (a, b):
+                frames, code = await until_closed(client)
+                assert code == 1012, frames
+                assert edits_in(frames) == [], frames
+            await trio.sleep(QUIET)
+        assert storage.attempts == 2
+        assert set().union(*storage.committed_keys()) == {"kept/c", "in-flight/c"}
 
 
 # --- which storage --------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 // Real npm clients that edit without pause, and report every edit the server acked.
 //
-//   node tests/node/durable_editor.mjs --url ws://127.0.0.1:PORT/ --room a --room b \
-//        [--clients 2] [--keys 6] [--node-modules DIR]
+//   node tests/node/durable_editor.mjs --url ws://127.0.0.1:PORT/ [--url ws://...] \
+//        --room a --room b [--clients 2] [--keys 6] [--node-modules DIR]
 //
 // Starts --clients `WebsocketAdapter`s of @woven-ecs/canvas-store per room (client ids
 // `ROOM-c0`, `ROOM-c1`, ...) and runs the loop `CanvasStore.sync()` runs, every 16 ms: pull
@@ -9,21 +9,28 @@
 // its own keys, `CLIENT/kN` (N < --keys), as `{ _exists: true, v }`, with `v` counting up per
 // client, so a key's values only ever grow; and it moves its presence (`CLIENT/cursor`).
 // The adapters reconnect on their own when the server goes away, as they do in a browser.
+// With several --url, client i of the j-th room connects to URL number (i + j) modulo their
+// count (several servers, each room's clients spread over them).
 //
 // The adapter takes the global WebSocket; ours is `ws`'s, wrapped to watch the frames. One JSON
-// line on stdout per event:
-//   {"event":"ack","client":C,"room":R,"messageId":M,"timestamp":T,"values":{KEY:V,...},
-//    "inFlight":false}
+// line on stdout per event; each names the `server` (HOST:PORT) of the socket it came from:
+//   {"event":"ack","client":C,"room":R,"server":S,"messageId":M,"timestamp":T,
+//    "values":{KEY:V,...},"inFlight":false}
 //        the server acked M; `values` are the `v`s M's document patch carried. `inFlight` is
 //        whether the adapter still holds M after handling the ack (it must not).
-//   {"event":"reconnect","client":C,"room":R,"lastTimestamp":L,"values":{KEY:V,...}}
+//   {"event":"reconnect","client":C,"room":R,"server":S,"lastTimestamp":L,"values":{KEY:V,...}}
 //        the adapter sent `reconnect`, carrying these values of its offline buffer
-//   {"event":"synced","client":C,"room":R,"timestamp":T}   a `synced` frame arrived
-//   {"event":"resync","client":C,"room":R,"since":S}        the server asked for a resync
+//   {"event":"synced","client":C,"room":R,"server":S,"timestamp":T}   a `synced` frame arrived
+//   {"event":"resync","client":C,"room":R,"server":S,"since":S}  the server asked for a resync
 //                                                         (it has gone back in time)
-//   {"event":"closed","client":C,"room":R,"code":N}         a socket closed
+//   {"event":"closed","client":C,"room":R,"server":S,"code":N}   a socket closed
 //   {"event":"error","message":...}                         then it exits with status 1
-// On stdin EOF (or a line `stop`) it closes every client, prints {"event":"stopped"} and exits 0.
+// Lines on stdin steer it:
+//   `url ROOM URL`  that room's clients connect to URL from their next (re)connect on
+//   `settle`        stop editing; once no client has an edit unacked or unsent and no frame has
+//                   arrived for 300 ms, print {"event":"state","client":C,"room":R,"state":{...}}
+//                   per client (its adapter's view of the document) and {"event":"settled"}
+//   `stop` (or EOF) close every client, print {"event":"stopped"} and exit 0.
 //
 // The packages are loaded from --node-modules, else the first $NODE_PATH entry holding
 // @woven-ecs/canvas-store, else node/node_modules of this repository.
@@ -36,7 +43,7 @@ const ECS = 1 // the client's Origin.ECS
 
 const { values: options } = parseArgs({
   options: {
-    url: { type: 'string' },
+    url: { type: 'string', multiple: true },
     room: { type: 'string', multiple: true },
     clients: { type: 'string', default: '2' },
     keys: { type: 'string', default: '6' },
@@ -44,7 +51,7 @@ const { values: options } = parseArgs({
   },
 })
 if (!options.url || !options.room) {
-  console.error('usage: durable_editor.mjs --url URL --room ROOM [--room ROOM...] [--clients N] [--keys N]')
+  console.error('usage: durable_editor.mjs --url URL [--url URL...] --room ROOM [--room ROOM...] [--clients N] [--keys N]')
   process.exit(2)
 }
 
@@ -65,13 +72,16 @@ const { WebSocket: WsWebSocket } = require('ws')
 
 /** clientId -> its adapter, so a socket can ask whether the adapter let go of an ack. */
 const adapters = new Map()
+/** When the last frame arrived from any server (performance.now()). */
+let lastFrameAt = 0
 
 /** `ws` as a browser-style WebSocket, watching what the adapter sends and receives. */
 class WatchingWebSocket extends WsWebSocket {
   constructor(url, ...rest) {
     super(url, ...rest)
-    const params = new URL(url).searchParams
-    this.who = { client: params.get('clientId'), room: params.get('roomId') }
+    const parsed = new URL(url)
+    const params = parsed.searchParams
+    this.who = { client: params.get('clientId'), room: params.get('roomId'), server: parsed.host }
     /** messageId -> the values its document patch carried, until acked (per socket). */
     this.sent = new Map()
     this.addEventListener('message', (ev) => this.received(ev.data))
@@ -95,6 +105,7 @@ class WatchingWebSocket extends WsWebSocket {
   }
 
   received(data) {
+    lastFrameAt = performance.now()
     const msg = JSON.parse(data)
     if (msg.type === 'ack' && this.sent.has(msg.messageId)) {
       const values = this.sent.get(msg.messageId)
@@ -114,12 +125,13 @@ class WatchingWebSocket extends WsWebSocket {
 globalThis.WebSocket = WatchingWebSocket
 
 class Editor {
-  constructor(room, clientId, keys) {
+  constructor(room, clientId, keys, url) {
+    this.room = room
     this.clientId = clientId
     this.keys = keys
     this.n = 0
     this.adapter = new WebsocketAdapter({
-      url: options.url,
+      url,
       clientId,
       documentId: room,
       usePersistence: false,
@@ -129,8 +141,12 @@ class Editor {
     adapters.set(clientId, this.adapter)
   }
 
-  /** One `CanvasStore.sync()` frame, with this frame's edit. */
+  /** One `CanvasStore.sync()` frame, with this frame's edit (none once settling). */
   frame() {
+    if (settling) {
+      this.adapter.push(this.adapter.pull())
+      return
+    }
     this.n += 1
     const key = `${this.clientId}/k${this.n % this.keys}`
     const local = [
@@ -139,17 +155,34 @@ class Editor {
     ]
     this.adapter.push([...local, ...this.adapter.pull()])
   }
-}
 
-const editors = []
-for (const room of options.room) {
-  for (let i = 0; i < Number(options.clients); i++) {
-    editors.push(new Editor(room, `${room}-c${i}`, Number(options.keys)))
+  /** Whether every edit of this client has been sent and acked. */
+  idle() {
+    const a = this.adapter
+    return a.isOnline && a.inFlight.size === 0 && Object.keys(a.offlineBuffer).length === 0 &&
+      a.documentSendBuffer.length === 0
   }
 }
+
+let settling = false
+let settled = false
+const editors = []
+options.room.forEach((room, j) => {
+  for (let i = 0; i < Number(options.clients); i++) {
+    const url = options.url[(i + j) % options.url.length]
+    editors.push(new Editor(room, `${room}-c${i}`, Number(options.keys), url))
+  }
+})
 await Promise.all(editors.map((e) => e.adapter.init()))
 const timer = setInterval(() => {
   for (const e of editors) e.frame()
+  if (settling && !settled && performance.now() - lastFrameAt > 300 && editors.every((e) => e.idle())) {
+    settled = true
+    for (const e of editors) {
+      emit({ event: 'state', client: e.clientId, room: e.room, state: e.adapter.state })
+    }
+    emit({ event: 'settled' })
+  }
 }, FRAME_MS)
 
 let stopping = false
@@ -163,6 +196,15 @@ function stop() {
 }
 const input = createInterface({ input: process.stdin })
 input.on('line', (line) => {
-  if (line.trim() === 'stop') stop()
+  const [command, ...args] = line.trim().split(/\s+/)
+  if (command === 'stop') {
+    stop()
+  } else if (command === 'settle') {
+    settling = true
+  } else if (command === 'url' && args.length === 2) {
+    for (const e of editors) if (e.room === args[0]) e.adapter.url = args[1]
+  } else if (command) {
+    fail(`unknown command ${JSON.stringify(line)}`)
+  }
 })
 input.on('close', stop)

@@ -193,6 +193,17 @@ class Committer:
         if error is None:
             self._on_committed()
 
+    def stop(self, reason: str) -> None:
+        """Commit nothing more (the room lost the right to write): what no commit holds
+        yet is dropped with its held frames, and :meth:`commit_through` raises
+        :class:`CommitError` from now on. A commit already in flight still ends as the
+        storage decides. ``on_failed`` is not called."""
+        if self.error is None:
+            self.error = CommitError(reason)
+        self._next = _HeldFrames()
+        progress, self._progress = self._progress, trio.Event()
+        progress.set()
+
     def _fail(self, exc: Exception) -> None:
         # Kept without its traceback: its frames hold the room.
         self.error = exc.with_traceback(None)

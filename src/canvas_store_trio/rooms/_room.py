@@ -423,6 +423,10 @@ class Room:
             reason=reason,
         )
         self.saver.discard()
+        if self.committer is not None:
+            # Edits applied but not committed yet are never written, nor told of: the
+            # next owner may already serve the room (the write fence would refuse them).
+            self.committer.stop("lost its lease")
         self._uncommitted_changes.clear()
         self._frames_stopped = True
         self._stop_accepting(1012, "room moved; reconnect")
