@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from typing import Any
+from unittest.mock import ANY
 
 import pytest
 import trio
@@ -165,6 +167,29 @@ async def test_renewals_keep_leases_and_a_failing_one_gives_them_up_in_time(
         with trio.fail_after(2):
             while a.fenced:
                 await trio.sleep(0.01)
+
+
+async def test_renewals_go_on_while_room_data_fills_the_pool(conninfo: str) -> None:
+    """Every pooled connection busy with room data for longer than a lease lasts (a burst
+    of loads and commits): the renewals have a connection of their own, so the lease
+    is kept."""
+    lost: list[str] = []
+    async with node(conninfo, "a", ttl=1.0) as a:
+        await a.acquire("room", lost.append)
+        busy = a.database.max_size
+
+        def slow(conn: Any) -> None:
+            conn.execute("SELECT pg_sleep(2.5)")
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(busy):
+                nursery.start_soon(a.database.run, slow, "a slow load")
+            await trio.sleep(2.0)  # the pool has been full for twice the TTL
+            assert not lost and a.held() == ["room"] and not a.fenced
+        status = await cluster_status(a.database)
+        assert status["leases"] == [
+            {"room": "room", "owner": "a", "epoch": 1, "expires_at": ANY}
+        ]
 
 
 async def test_a_lease_taken_over_is_lost_at_the_next_renewal(conninfo: str) -> None:

@@ -55,10 +55,12 @@ def test_cli_page_documents_every_transfer_option() -> None:
 
 def test_reference_renders_every_public_name() -> None:
     """Each name that ``canvas_store_trio``, ``canvas_store_trio.ops``,
-    ``canvas_store_trio.client`` and ``canvas_store_trio.testing`` export has a
+    ``canvas_store_trio.cluster``, ``canvas_store_trio.client`` and
+    ``canvas_store_trio.testing`` export has a
     ``::: name`` in an API reference page. ``testing``'s ``__all__`` counts, since its
     strategies are imported on first use."""
     import canvas_store_trio.client as client
+    import canvas_store_trio.cluster as cluster
     import canvas_store_trio.ops as ops
     import canvas_store_trio.testing as testing
 
@@ -66,7 +68,7 @@ def test_reference_renders_every_public_name() -> None:
     rendered = set(re.findall(r"^::: (canvas_store_trio\S*)$", pages, re.M))
     public = {
         f"{module.__name__}.{name}"
-        for module in (canvas_store_trio, ops, client, testing)
+        for module in (canvas_store_trio, ops, cluster, client, testing)
         for name in list(getattr(module, "__all__", vars(module)))
         if not name.startswith("_") and not inspect.ismodule(getattr(module, name))
     }

@@ -11,8 +11,11 @@ Two tables (schema version 3) hold who serves what:
   are never deleted, so epochs only grow.
 
 A node renews its node row and all its leases in one statement, ``RENEWALS_PER_TTL``
-times per TTL. Every write of room data runs :meth:`PostgresLeases.check` first, in its
-own transaction: it reads the room's lease ``FOR SHARE`` and refuses the write unless
+times per TTL, on a connection of its own: loads, commits and saves that fill the
+database's pool can never hold a renewal back until the leases lapse.
+
+Every write of room data runs :meth:`PostgresLeases.check` first, in its own
+transaction: it reads the room's lease ``FOR SHARE`` and refuses the write unless
 this node holds it, with the epoch it took, unexpired. The lock keeps a takeover waiting
 until the write has committed, so the new owner loads it; and a node that lost a lease,
 however long it slept, can never write that room again.
@@ -122,14 +125,27 @@ class PostgresLeases:
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _renewed_at: float | None = attrs.field(default=None, init=False)
     """When the last renewal that succeeded began (Trio time); None before the first."""
+    _liveness: PostgresDatabase = attrs.field(init=False)
+    """A pool of one connection, beside ``database``'s, for joining, renewing and
+    leaving: the node's liveness never queues behind room data."""
+
+    @_liveness.default
+    def _own_connection(self) -> PostgresDatabase:
+        return attrs.evolve(
+            self.database, min_size=1, max_size=1, write_fence=None,
+            timeout=min(self.database.timeout, self.ttl / RENEWALS_PER_TTL),
+            application_name=f"{self.database.application_name} leases",
+        )
 
     def __attrs_post_init__(self) -> None:
         if not self.ttl > 0:
             raise ValueError(f"the lease TTL must be above 0 seconds, not {self.ttl!r}")
         self.database.write_fence = self
         self.database.idle_in_transaction_timeout = self.ttl
+        self._liveness.idle_in_transaction_timeout = self.ttl
 
     async def __aenter__(self) -> PostgresLeases:
+        await self._stack.enter_async_context(self._liveness)
         self._nursery = await self._stack.enter_async_context(trio.open_nursery())
         return self
 
@@ -168,7 +184,7 @@ class PostgresLeases:
         def join(conn: Connection) -> bool:
             return conn.execute(_JOIN, params).fetchone() is not None
 
-        if not await self.database.run(join, f"cannot join the cluster as {node_id!r}"):
+        if not await self._liveness.run(join, f"cannot join the cluster as {node_id!r}"):
             raise NodeIdInUseError(
                 f"node id {node_id!r} is in use by a live node; give another --node-id, or "
                 f"wait {self.ttl:g} s (the lease TTL) if that node has died"
@@ -290,7 +306,7 @@ class PostgresLeases:
             started = trio.current_time()
             held = dict(self._held)
             try:
-                renewed = await self.database.run(renew, "cannot renew the leases")
+                renewed = await self._liveness.run(renew, "cannot renew the leases")
             except StorageError as exc:
                 if not failing:
                     log_event(logging.WARNING, "lease_renewal_failed",
@@ -340,7 +356,7 @@ class PostgresLeases:
             conn.execute(f"UPDATE {NODES_TABLE} SET expires_at = now() WHERE id = %s", (node,))
 
         try:
-            await self.database.run(leave, "cannot leave the cluster")
+            await self._liveness.run(leave, "cannot leave the cluster")
         except StorageError as exc:
             log_event(logging.WARNING, "lease_release_failed",
                       "%s; its leases expire within %g s", exc, self.ttl, error=str(exc))
