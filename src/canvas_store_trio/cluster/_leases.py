@@ -41,7 +41,7 @@ from .._logs import log_event
 from ..storage._base import StorageError
 from ..storage._postgres import PostgresDatabase, _from_pg, _to_pg
 from ..storage._sql import LEASES_TABLE, NODES_TABLE
-from ._ownership import Lease, LostHook, NotOwnerError, Owner
+from ._ownership import FencedWriteError, Lease, LostHook, NotOwnerError, Owner
 
 if TYPE_CHECKING:
     from ..storage._postgres import Connection
@@ -95,10 +95,6 @@ _LIVE_OWNER = (
 
 class NodeIdInUseError(Exception):
     """A live node already runs under this node id."""
-
-
-class FencedWriteError(StorageError):
-    """A write of room data refused: this node no longer holds the room's lease."""
 
 
 @attrs.define(eq=False)

@@ -17,7 +17,14 @@ from typing import Protocol
 import attrs
 import trio
 
+from ..storage._base import StorageError
+
 LostHook = Callable[[str], None]
+
+
+class FencedWriteError(StorageError):
+    """A write of room data refused: this node no longer holds the room's lease. A room
+    whose commit is refused so takes it as the loss of its lease (1012)."""
 """``on_lost(reason)``: the room may no longer serve; called at most once, synchronously."""
 
 

@@ -49,7 +49,13 @@ from .._protocol import (
     synced_frame,
     version_mismatch_frame,
 )
-from ..cluster._ownership import Lease, NotOwnerError, Ownership, SoleOwnership
+from ..cluster._ownership import (
+    FencedWriteError,
+    Lease,
+    NotOwnerError,
+    Ownership,
+    SoleOwnership,
+)
 from ..storage._base import HistoryStorage, JournalStorage, Storage
 from ..transport._handshake import MessageSocket
 from ._commits import CommitError, Committer
@@ -433,6 +439,10 @@ class Room:
         self._close_requested.set()
 
     def _on_commit_failed(self, error: BaseException) -> None:
+        if isinstance(error, FencedWriteError):
+            # Another node took the room before this one noticed: the lease is lost.
+            self._on_lease_lost(str(error))
+            return
         self.saver.discard()
         self._uncommitted_changes.clear()  # nobody hears of them: their senders resend
         self._stop_accepting(1013, "could not save; try again")
