@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 
 import trio
 
+from ._poller import ReadPoller
+
 FORWARDED_HEADER = "X-Canvas-Store-Forwarded"
 """Added to a forwarded upgrade (its value: the forwarding node's id). A node never
 forwards a request that carries it, so no forwarding loop can form: a node that gets
@@ -61,6 +63,8 @@ async def forward_upgrade(
     address: str,
     headers: Mapping[str, str],
     answered: Callable[[], None],
+    *,
+    poller: ReadPoller | None = None,
 ) -> None:
     """Send the upgrade (``head`` with ``headers``, then ``rest``, the bytes that came
     after it) to ``address`` and splice ``stream`` with the answer until either ends.
@@ -71,6 +75,7 @@ async def forward_upgrade(
     is raised but Cancelled: when the owner closes, the splice ends; when the client
     sends EOF, the owner gets EOF too and :data:`DRAIN_TIMEOUT` to finish. The caller
     closes ``stream``; the connection to the owner is closed here, cancelled or not.
+    With ``poller`` (the wire transport's), the bytes are copied in its task.
     """
     request = with_headers(head, headers) + rest
     upstream: trio.SocketStream | None = None
@@ -91,19 +96,21 @@ async def forward_upgrade(
         answered()
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(first)
-        await _splice(stream, upstream)
+        await _splice(stream, upstream, poller)
 
 
-async def _splice(client: trio.SocketStream, upstream: trio.SocketStream) -> None:
+async def _splice(
+    client: trio.SocketStream, upstream: trio.SocketStream, poller: ReadPoller | None
+) -> None:
     client_fd, upstream_fd = client.socket.fileno(), upstream.socket.fileno()
     async with trio.open_nursery() as nursery:
 
         async def owner_to_client() -> None:
-            await _copy(upstream_fd, client_fd)
+            await _copy(upstream_fd, client_fd, poller)
             nursery.cancel_scope.cancel()  # the owner has finished: so has the splice
 
         async def client_to_owner() -> None:
-            if await _copy(client_fd, upstream_fd):
+            if await _copy(client_fd, upstream_fd, poller):
                 with contextlib.suppress(OSError, trio.ClosedResourceError):
                     await upstream.send_eof()
             nursery.cancel_scope.deadline = trio.current_time() + DRAIN_TIMEOUT
@@ -112,29 +119,65 @@ async def _splice(client: trio.SocketStream, upstream: trio.SocketStream) -> Non
         nursery.start_soon(client_to_owner)
 
 
-async def _copy(source: int, target: int) -> bool:
+async def _copy(source: int, target: int, poller: ReadPoller | None) -> bool:
     """Copy bytes from one socket to another as they come; True at the source's EOF,
-    False if either side broke. Raw reads and writes on the descriptors (as the wire
-    transport's reader does): a Trio stream call costs two scheduler trips a chunk, and
-    a splice does little else. Each side waits only while it must."""
+    False if either side broke. Raw reads and writes on the descriptors, as the wire
+    transport's reader does.
+
+    With ``poller``, the copying runs in the poller's task, woken once for every ready
+    socket of a batch: this task sleeps until the target cannot take a chunk at once,
+    the source ends, or either breaks, and then waits for that itself. Without one, it
+    waits for each chunk in turn."""
+    unsent = b""
+    ended = False
+
+    def move() -> bool:
+        """In the poller's task: pass on what the source has; False once this task
+        must take over (``unsent`` left, or ``ended``)."""
+        nonlocal unsent, ended
+        try:
+            data = os.read(source, CHUNK_SIZE)
+        except BlockingIOError:
+            return True
+        if not data:
+            ended = True
+            return False
+        try:
+            sent = os.write(target, data)
+        except BlockingIOError:
+            sent = 0
+        unsent = data[sent:]
+        return not unsent
+
     chunks = 0
     try:
         while True:
-            try:
+            if unsent:
+                await _write_all(target, unsent)
+                unsent = b""
+            if ended:
+                return True
+            if poller is not None and await poller.wait(source, move):
+                continue
+            try:  # no poller, or it has stopped
                 data = os.read(source, CHUNK_SIZE)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(source)
                 continue
             if not data:
                 return True
-            view = memoryview(data)
-            while view:
-                try:
-                    view = view[os.write(target, view):]
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(target)
+            await _write_all(target, data)
             chunks += 1
             if chunks % 64 == 0:  # a source that never runs dry still lets others run
                 await trio.lowlevel.checkpoint()
     except (OSError, trio.ClosedResourceError):
         return False
+
+
+async def _write_all(target: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(target, view):]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(target)

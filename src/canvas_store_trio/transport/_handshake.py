@@ -233,9 +233,11 @@ def handshake_request(
     upgrade: Upgrade,
     accept_with: Callable[[str | None], Awaitable[AcceptedSocket]],
     reject_with: Callable[[int, bytes], Awaitable[None]],
+    poller: ReadPoller | None = None,
 ) -> HandshakeRequest:
     """The handler's view of a well-formed upgrade read from ``stream``, the same on
-    both transports (either can forward it: nothing of the WebSocket has begun)."""
+    both transports (either can forward it: nothing of the WebSocket has begun; a
+    forwarded connection's bytes are copied in ``poller``'s task, if given)."""
     request = upgrade.request
     return HandshakeRequest(
         request.path,
@@ -244,8 +246,9 @@ def handshake_request(
         offered_subprotocols(request.headers),
         accept_with=accept_with,
         reject_with=reject_with,
-        forward_with=functools.partial(forward_upgrade, stream, upgrade.head, upgrade.rest)
-        if isinstance(stream, trio.SocketStream) else None,
+        forward_with=functools.partial(
+            forward_upgrade, stream, upgrade.head, upgrade.rest, poller=poller
+        ) if isinstance(stream, trio.SocketStream) else None,
     )
 
 
@@ -272,7 +275,7 @@ async def serve_wire_stream(
             _accept, stream, upgrade.request, upgrade.rest, max_message_size, poller
         )
         reject = functools.partial(_reject, stream)
-        await handler(handshake_request(stream, upgrade, accept, reject))
+        await handler(handshake_request(stream, upgrade, accept, reject, poller))
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
         pass
     except Exception as exc:  # a bug in the handler: this connection ends, not the server
