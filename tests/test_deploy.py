@@ -1,7 +1,7 @@
 """deploy/: the systemd unit passes systemd-analyze, and the nginx config really fronts a
 server: TLS, WebSocket upgrades, the client's address forwarded, /metrics kept private.
 
-The tools come from Debian's packages (systemd, nginx, openssl); .ci/run installs them.
+The tools come from Debian's packages (systemd, nginx, openssl, haproxy); .ci/run installs them.
 Without one a test skips with the reason, and fails under $CI.
 """
 
