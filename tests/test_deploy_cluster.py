@@ -9,7 +9,7 @@ itself, as nginx's ``hash ... consistent`` does. Through nginx, a node killed mi
 has its rooms served by the next node on the ring within the lease TTL plus a second or
 two, nothing acked lost; and a paused node (SIGSTOP: its kernel still accepts
 connections) costs a new client about a second (the readiness check's timeout), not the
-minutes of ``proxy_read_timeout``; once it wakes it serves nothing it lost. HAProxy's
+75 s of ``proxy_read_timeout``; once it wakes it serves nothing it lost. HAProxy's
 health checks take a paused node out as well.
 """
 
