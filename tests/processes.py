@@ -388,6 +388,7 @@ async def npm_peer(url: str, room: str, client_id: str) -> AsyncIterator[NpmPeer
 async def npm_until(npm: NpmPeer, condition: Callable[[dict[str, Any]], bool],
                     timeout: float = 10.0, also: Callable[[], str] = str) -> dict[str, Any]:
     """The npm client's first report that meets ``condition``."""
+    report = None  # none at all while the client is still connecting (it reads no stdin)
     with trio.move_on_after(timeout):
         while not condition(report := await npm.report()):
             await trio.sleep(0.02)

@@ -1,7 +1,7 @@
 """deploy/: the systemd unit passes systemd-analyze, and the nginx config really fronts a
 server: TLS, WebSocket upgrades, the client's address forwarded, /metrics kept private.
 
-The tools come from Debian's packages (systemd, nginx, openssl); .ci/run installs them.
+The tools come from Debian's packages (systemd, nginx, openssl, haproxy); .ci/run installs them.
 Without one a test skips with the reason, and fails under $CI.
 """
 
@@ -15,6 +15,8 @@ import ssl
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import orjson
@@ -112,24 +114,31 @@ def self_signed_cert(folder: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def nginx_setup(tmp_path: Path, *, https: int, http: int, upstream: int) -> Path:
-    """A whole nginx.conf around deploy/nginx.conf, as it would be installed, with only
-    its addresses and certificate paths changed to this test's."""
+def installed(source: Path, replacements: dict[str, str]) -> str:
+    """``source`` as it would be installed, with only ``replacements`` made: each string
+    must occur exactly once (a config that changed under the test fails it)."""
+    text = source.read_text()
+    for old, new in replacements.items():
+        assert text.count(old) == 1, (source.name, old)
+        text = text.replace(old, new)
+    return text
+
+
+def nginx_setup(tmp_path: Path, site: Path, *, https: int, http: int,
+                upstreams: dict[str, str]) -> Path:
+    """A whole nginx.conf around ``site`` (deploy/nginx.conf or deploy/nginx-cluster.conf),
+    as it would be installed, with only its listen addresses, certificate paths and the
+    ``upstreams`` lines changed to this test's."""
     cert, key = self_signed_cert(tmp_path)
-    site = NGINX_CONF.read_text()
-    replacements = {
+    (tmp_path / "site.conf").write_text(installed(site, {
         "listen 443 ssl;": f"listen 127.0.0.1:{https} ssl;",
         "listen [::]:443 ssl;": "",
         "listen 80;": f"listen 127.0.0.1:{http};",
         "listen [::]:80;": "",
-        "server 127.0.0.1:8087;": f"server 127.0.0.1:{upstream};",
         "/etc/letsencrypt/live/sync.example.com/fullchain.pem": str(cert),
         "/etc/letsencrypt/live/sync.example.com/privkey.pem": str(key),
-    }
-    for old, new in replacements.items():
-        assert site.count(old) == 1, old
-        site = site.replace(old, new)
-    (tmp_path / "site.conf").write_text(site)
+        **upstreams,
+    }))
     for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp_path / name).mkdir()
     conf = tmp_path / "nginx.conf"
@@ -152,15 +161,20 @@ def nginx_setup(tmp_path: Path, *, https: int, http: int, upstream: int) -> Path
     return conf
 
 
-def test_nginx_config_is_valid(tmp_path: Path) -> None:
+def nginx_test(tmp_path: Path, conf: Path) -> None:
+    """``nginx -t`` on ``conf`` passes."""
     nginx = require_tool("nginx")
-    conf = nginx_setup(tmp_path, https=free_port(), http=free_port(), upstream=8087)
     done = subprocess.run(
         [nginx, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")],
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert "syntax is ok" in done.stderr and "test is successful" in done.stderr
+
+
+def test_nginx_config_is_valid(tmp_path: Path) -> None:
+    nginx_test(tmp_path, nginx_setup(tmp_path, NGINX_CONF, https=free_port(), http=free_port(),
+                                     upstreams={}))
 
 
 AUTHORIZE = '''
@@ -197,33 +211,57 @@ async def https_get(port: int, path: str, context: ssl.SSLContext | None) -> tup
     return int(head.split()[1]), body
 
 
+def insecure_context() -> ssl.SSLContext:
+    """A TLS client context that takes the tests' self-signed certificates."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@asynccontextmanager
+async def proxy_process(command: list[str], https: int) -> AsyncIterator[trio.Process]:
+    """Runs ``command`` (nginx or HAProxy in the foreground) until the way out; yields once
+    it answers ``GET /healthz`` with 200 over TLS on ``https``."""
+    process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL)
+    try:
+        context = insecure_context()
+        with trio.fail_after(10):  # up once it answers
+            while True:
+                try:
+                    status, body = await https_get(https, "/healthz", context)
+                    break
+                except OSError:
+                    assert process.poll() is None, f"{command[0]} exited: {process.returncode}"
+                    await trio.sleep(0.05)
+        assert (status, body) == (200, b"ok\n")
+        yield process
+    finally:
+        process.terminate()
+        with trio.move_on_after(10):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def nginx_command(tmp_path: Path, conf: Path) -> list[str]:
+    return [require_tool("nginx"), "-p", str(tmp_path), "-c", str(conf),
+            "-e", str(tmp_path / "error.log"), "-g", "daemon off;"]
+
+
 async def test_nginx_fronts_a_real_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    nginx = require_tool("nginx")
+    require_tool("nginx")
     (tmp_path / "deploy_hook.py").write_text(AUTHORIZE)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
     metrics_port, https, http = free_port(), free_port(), free_port()
     async with server_process(
         "--memory", "--metrics-port", str(metrics_port), "--authorize", "deploy_hook:authorize"
     ) as server:
-        conf = nginx_setup(tmp_path, https=https, http=http, upstream=server.port)
-        process = await trio.lowlevel.open_process(
-            [nginx, "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log"),
-             "-g", "daemon off;"],
-            stdin=subprocess.DEVNULL,
-        )
-        try:
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-            with trio.fail_after(10):  # nginx is up once it answers
-                while True:
-                    try:
-                        status, body = await https_get(https, "/healthz", context)
-                        break
-                    except OSError:
-                        await trio.sleep(0.05)
-            assert (status, body) == (200, b"ok\n")
-
+        conf = nginx_setup(tmp_path, NGINX_CONF, https=https, http=http, upstreams={
+            "server 127.0.0.1:8087;": f"server 127.0.0.1:{server.port};"})
+        async with proxy_process(nginx_command(tmp_path, conf), https):
+            context = insecure_context()
             # /metrics: never through the front; on the metrics port, yes.
             assert (await https_get(https, "/metrics", context))[0] == 404
             status, body = await https_get(metrics_port, "/metrics", None)
@@ -262,10 +300,3 @@ async def test_nginx_fronts_a_real_server(tmp_path: Path, monkeypatch: pytest.Mo
                         await c.get_message()
             assert closed.value.reason.code == 1008
             assert closed.value.reason.reason == "real=127.0.0.1 proto=https"
-        finally:
-            process.terminate()
-            with trio.move_on_after(10):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
