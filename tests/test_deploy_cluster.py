@@ -10,7 +10,8 @@ has its rooms served by the next node on the ring within the lease TTL plus a se
 two, nothing acked lost; and a paused node (SIGSTOP: its kernel still accepts
 connections) costs a new client about a second (the readiness check's timeout), not the
 75 s of ``proxy_read_timeout``; once it wakes it serves nothing it lost. HAProxy's
-health checks take a paused node out as well.
+health checks take a paused node out as well, and a node killed behind it has its room
+served again within the TTL plus a second or two.
 """
 
 from __future__ import annotations
@@ -332,3 +333,29 @@ async def test_haproxy_takes_a_paused_node_out_and_its_room_is_served_by_another
             await check_nothing_lost(url, log, states)
             one_server_per_timestamp(log)
 
+
+
+async def test_kill_9_a_node_behind_haproxy_and_its_room_is_served_within_the_ttl(
+        tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with trio.fail_after(45):
+        async with behind("haproxy", tmp_path, url, monkeypatch) as (nodes, base):
+            async with editor_processes([base], ["k"], 2, node_modules()) as editors:
+                log = editors.log
+                await log.wait_for("acks", lambda: len(log.acks_since(0, "k")) >= 10, 20)
+                owner_id = (await owners(url))["k"]
+                nodes[int(owner_id[1:])].process.kill()
+                killed = trio.current_time()
+                # The clients reconnect; HAProxy's connection to the dead node is refused
+                # and it redispatches to another, which takes the room once its lease
+                # lapses (1013 to the clients until then).
+                await log.wait_for("an ack after the kill", lambda: bool(
+                    log.acks_since(killed, "k")), TTL + 5)
+                served_after = log.acks_since(killed, "k")[0].at - killed
+                print(f"kill -9 to the first ack through HAProxy (ttl {TTL:g} s): "
+                      f"{served_after:.2f} s")
+                assert served_after < TTL + 2
+                assert (await owners(url))["k"] != owner_id
+                await trio.sleep(0.5)
+                states = await editors.settle(10)
+            await check_nothing_lost(url, log, states)
+            one_server_per_timestamp(log)

@@ -39,7 +39,7 @@ import trio
 
 from .._logs import log_event
 from ..storage._base import StorageError
-from ..storage._postgres import PostgresDatabase, _from_pg, _to_pg
+from ..storage._postgres import DedicatedConnection, PostgresDatabase, _from_pg, _to_pg
 from ..storage._sql import LEASES_TABLE, NODES_TABLE
 from ._ownership import FencedWriteError, Lease, LostHook, NotOwnerError, Owner
 
@@ -121,27 +121,23 @@ class PostgresLeases:
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _renewed_at: float | None = attrs.field(default=None, init=False)
     """When the last renewal that succeeded began (Trio time); None before the first."""
-    _liveness: PostgresDatabase = attrs.field(init=False)
-    """A pool of one connection, beside ``database``'s, for joining, renewing and
-    leaving: the node's liveness never queues behind room data."""
+    _liveness: DedicatedConnection = attrs.field(init=False)
+    """A connection beside ``database``'s pool, for joining, renewing and leaving: the
+    node's liveness never queues behind room data, and a renewal after an outage
+    reconnects at once."""
 
     @_liveness.default
-    def _own_connection(self) -> PostgresDatabase:
-        return attrs.evolve(
-            self.database, min_size=1, max_size=1, write_fence=None,
-            timeout=min(self.database.timeout, self.ttl / RENEWALS_PER_TTL),
-            application_name=f"{self.database.application_name} leases",
-        )
+    def _own_connection(self) -> DedicatedConnection:
+        return DedicatedConnection(self.database)
 
     def __attrs_post_init__(self) -> None:
         if not self.ttl > 0:
             raise ValueError(f"the lease TTL must be above 0 seconds, not {self.ttl!r}")
         self.database.write_fence = self
         self.database.idle_in_transaction_timeout = self.ttl
-        self._liveness.idle_in_transaction_timeout = self.ttl
 
     async def __aenter__(self) -> PostgresLeases:
-        await self._stack.enter_async_context(self._liveness)
+        self._stack.push_async_callback(self._liveness.aclose)
         self._nursery = await self._stack.enter_async_context(trio.open_nursery())
         return self
 

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
     Connection = psycopg.Connection[TupleRow]
 
-__all__ = ["PostgresDatabase", "PostgresStorage", "WriteFence"]
+__all__ = ["DedicatedConnection", "PostgresDatabase", "PostgresStorage", "WriteFence"]
 
 T = TypeVar("T")
 
@@ -337,6 +337,62 @@ class PostgresDatabase:
             f"no connection was free within {self.timeout:g} s "
             f"(all {self.max_size} in use, or the server is recovering)"
         )
+
+
+@attrs.define(eq=False)
+class DedicatedConnection:
+    """One connection of its own to ``database``, outside its pool, for work that must
+    never queue behind the pool's (a cluster node's lease renewals).
+
+    Connected on first use, and again on the next use after it broke, at once: a pool
+    backs off between reconnection attempts, and this connection's user paces its own.
+    A new connection applies pending schema migrations first, as the pool's first does.
+    :meth:`run` is :meth:`PostgresDatabase.run` on this connection, one call at a time;
+    :meth:`aclose` closes it (the database's pool is not touched).
+    """
+
+    database: PostgresDatabase
+    _conn: Connection | None = attrs.field(default=None, init=False, repr=False)
+    _limiter: trio.CapacityLimiter = attrs.field(
+        factory=lambda: trio.CapacityLimiter(1), init=False, repr=False
+    )
+
+    async def run(self, fn: Callable[[Connection], T], what: str) -> T:
+        """``fn(conn)`` in a worker thread, in one transaction (committed when it
+        returns, rolled back if it raises); a failure is a :class:`StorageError`
+        naming ``what``. Cancelled, it waits for ``fn`` to end."""
+        return await trio.to_thread.run_sync(self._call, fn, what, limiter=self._limiter)
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await trio.to_thread.run_sync(conn.close, limiter=self._limiter)
+
+    def _call(self, fn: Callable[[Connection], T], what: str) -> T:
+        import psycopg
+
+        try:
+            if self._conn is None or self._conn.broken:
+                self._conn = self._connect()
+            with self._conn.transaction():
+                return fn(self._conn)
+        except (psycopg.Error, UnicodeError) as exc:
+            raise StorageError(f"{self.database}: {what}: {_describe(exc)}") from None
+
+    def _connect(self) -> Connection:
+        import psycopg
+
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        conn = psycopg.connect(self.database.conninfo, **self.database._connect_kwargs())
+        try:
+            self.database._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        conn.autocommit = True  # each call is one explicit transaction
+        return conn
 
 
 @attrs.define(eq=False)
