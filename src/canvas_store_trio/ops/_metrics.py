@@ -97,7 +97,8 @@ class ManagerCollector:
             )
             yield _counter(
                 "canvas_store_forwarded_connections",
-                "Connections forwarded to the node that owns their room.",
+                "Connections this node tried to forward to the node that owns their room "
+                "(failed tries included).",
                 stats.forwarded_connections,
             )
             yield _counter(
