@@ -834,7 +834,7 @@ class Profiler:
 
     def on_phase(self, phase: str, epoch: float = 0.0) -> None:
         if phase == self.phase and self.proc is None:
-            cmd = [str(VENV_PY.parent / "py-spy"), "record", "--threads", "--rate", "250"]
+            cmd = [str(PYTHON.parent / "py-spy"), "record", "--threads", "--rate", "250"]
             cmd += ["--format", "raw", "--output", str(self.out), "--pid", str(self.pid)]
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         elif phase == PHASE_ENDS[self.phase] and self.proc is not None and self.proc.poll() is None:

@@ -225,15 +225,34 @@ def open_descriptors_to(path: Path) -> int:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
-async def test_no_journal_descriptor_stays_open(tmp_path: Path) -> None:
+async def test_a_journal_descriptor_stays_open_until_a_save_folds_the_journal(
+    tmp_path: Path,
+) -> None:
     storage = FileStorage(tmp_path, "r")
     doc = Document()
     await commit_edits(storage, doc, 2)
-    assert open_descriptors_to(tmp_path / "r.journal") == 0  # closed after each batch
+    assert open_descriptors_to(tmp_path / "r.journal") == 1  # one, kept between commits
     at_1 = Snapshot(1, {}, {})
     await storage.save_encoded(encode_snapshot_parts(at_1), fold_through=1)  # a rewrite
-    await commit_edits(storage, doc, 1)
     assert open_descriptors_to(tmp_path / "r.journal") == 0
+    await commit_edits(storage, doc, 1)
+    assert open_descriptors_to(tmp_path / "r.journal") == 1
+    await storage.save(doc.snapshot())  # removes the journal
+    assert open_descriptors_to(tmp_path / "r.journal") == 0
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+async def test_journal_descriptors_past_the_limit_are_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_storage, "MAX_OPEN_JOURNALS", 2)
+    docs = {name: Document() for name in "abc"}
+    for name, doc in docs.items():  # one batch each: a, then b, then c
+        await commit_edits(FileStorage(tmp_path, name), doc, 1)
+    assert [open_descriptors_to(tmp_path / f"{name}.journal") for name in "abc"] == [0, 1, 1]
+    await commit_edits(FileStorage(tmp_path, "a"), docs["a"], 1)  # reopened; b is closed
+    assert [open_descriptors_to(tmp_path / f"{name}.journal") for name in "abc"] == [1, 0, 1]
+    assert journal_timestamps(tmp_path / "a.journal") == [1, 2]
 
 
 async def test_the_ready_gate_runs_after_the_parts_are_taken_and_can_stop_the_write(
@@ -272,14 +291,13 @@ async def test_the_ready_gate_runs_after_the_parts_are_taken_and_can_stop_the_wr
 
 
 def half_then_enospc(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = os.writev
+    real = os.pwrite
 
-    def writev(fd: int, buffers: Any) -> int:
-        data = b"".join(bytes(b) for b in buffers)
-        real(fd, [data[: len(data) // 2]])
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        real(fd, bytes(data)[: len(data) // 2], offset)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "writev", writev)
+    monkeypatch.setattr(os, "pwrite", pwrite)
 
 
 async def test_a_failed_append_is_cut_back_off_and_raises(

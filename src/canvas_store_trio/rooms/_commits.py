@@ -11,7 +11,7 @@ edit applied meanwhile goes into the next one, while the rooms keep applying.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -80,7 +80,8 @@ class Committer:
         """Frames waiting for edits that no commit holds yet."""
         self._in_flight: _HeldFrames | None = None
         self._in_flight_through = 0
-        self._progress = trio.Event()
+        self._progress: trio.Event | None = None
+        """Set when a commit ends or the committer stops; made by a waiter."""
         group = getattr(storage, "commit_group", None)
         self._driver = _CommitDriver.of(group) if group is not None else _CommitDriver(
             _SoleStorage(storage)
@@ -106,12 +107,7 @@ class Committer:
         ``presence_of`` names the client whose presence the frame also carries; ``ack``
         says the frame is an ack to ``session``.
         """
-        if self.document.timestamp > (
-            self._in_flight_through if self._in_flight is not None else self.committed
-        ):
-            held: _HeldFrames | None = self._next
-        else:
-            held = self._in_flight
+        held = self._holder()
         if held is None:
             session.send(frame)
             return
@@ -120,6 +116,28 @@ class Committer:
             held.presence_of.add(presence_of)
         if ack:
             held.acks_for.add(session)
+
+    def send_to_all(
+        self, sessions: Iterable[Session], frame: bytes, *, presence_of: str | None = None
+    ) -> None:
+        """:meth:`send` of one frame (no ack) to each of ``sessions``."""
+        held = self._holder()
+        if held is None:
+            for session in sessions:
+                session.send(frame)
+            return
+        held.frames.extend((session, frame) for session in sessions)
+        if presence_of is not None:
+            held.presence_of.add(presence_of)
+
+    def _holder(self) -> _HeldFrames | None:
+        """The frames a frame telling of every edit applied so far waits with (None:
+        every one is durable, it goes now)."""
+        if self.document.timestamp > (
+            self._in_flight_through if self._in_flight is not None else self.committed
+        ):
+            return self._next
+        return self._in_flight
 
     def send_reply(self, session: Session, make_frame: Callable[[int], bytes]) -> None:
         """Send a reply that tells of no edit of its own (the ack of a frame that changed
@@ -168,6 +186,8 @@ class Committer:
                 raise CommitError(f"room {self.room_id!r}: {self.error}")
             if self._in_flight is None:
                 self.wanted()
+            if self._progress is None:
+                self._progress = trio.Event()
             await self._progress.wait()
 
     def _begin(self) -> Changes:
@@ -180,7 +200,7 @@ class Committer:
     def _end(self, changes: Changes, error: Exception | None) -> None:
         """The commit of ``changes`` is durable (``error`` None), or failed."""
         held, self._in_flight = self._in_flight, None
-        progress, self._progress = self._progress, trio.Event()
+        progress, self._progress = self._progress, None
         if error is not None:
             self._fail(error)
         else:
@@ -189,7 +209,8 @@ class Committer:
             assert held is not None
             for session, frame in held.frames:
                 session.send(frame)
-        progress.set()
+        if progress is not None:
+            progress.set()
         if error is None:
             self._on_committed()
 
@@ -201,8 +222,9 @@ class Committer:
         if self.error is None:
             self.error = CommitError(reason)
         self._next = _HeldFrames()
-        progress, self._progress = self._progress, trio.Event()
-        progress.set()
+        progress, self._progress = self._progress, None
+        if progress is not None:
+            progress.set()
 
     def _fail(self, exc: Exception) -> None:
         # Kept without its traceback: its frames hold the room.

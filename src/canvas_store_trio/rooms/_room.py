@@ -694,9 +694,8 @@ class Room:
         if committer is None:
             self._broadcast(frame, exclude=sender)
             return
-        for session in list(self._sessions.values()):
-            if session is not sender:
-                committer.send(session, frame, presence_of=presence_of)
+        recipients = [session for session in self._sessions.values() if session is not sender]
+        committer.send_to_all(recipients, frame, presence_of=presence_of)
 
     def _broadcast_presence(self, frame: bytes, sender: Session | None, client_id: str) -> None:
         """Broadcast a frame of ``client_id``'s presence alone (behind its held edits)."""

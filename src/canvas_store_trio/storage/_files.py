@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import sys
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -304,9 +305,13 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
     renamed over the target, and the folder fsynced after the rename. A missing folder
     is created. :meth:`append` returns once a journal record is durable. The worker
     thread keeps each journal's state (:class:`JournalFile`: good length, records since
-    the last fold), so a fold needs no re-read. A journal is opened once a batch and
-    closed at its end: keeping it open between batches saved nothing measurable (an
-    open and a close are about 3 us; an append with its fdatasync about 150 us here).
+    the last fold), so a fold needs no re-read. A journal's descriptor stays open from
+    its first append until a save folds it (or removes it), so an append is one
+    ``pwrite``, not an open, a seek, a write and a close; at most
+    :data:`MAX_OPEN_JOURNALS` stay open (the least recently appended to are closed at
+    the end of a batch), and the writer's last ones close when it is garbage-collected.
+    The folder is the server's own: a journal removed or replaced behind its back is
+    not noticed while its descriptor is open.
 
     A batch runs in this order: every job's write (snapshots to temp files and renames,
     journal appends), then one ``fdatasync`` per appended journal (after all the writes,
@@ -316,7 +321,12 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
 
     def __init__(self, folder: Path) -> None:
         super().__init__(folder)
-        self._journals: dict[Path, JournalFile] = {}  # used in the worker thread only
+        # Used in the worker thread only: each journal's state, and those that may have
+        # a descriptor open, least recently appended to first.
+        self._journals: dict[Path, JournalFile] = {}
+        self._open: dict[JournalFile, None] = {}
+        self._retired: list[JournalFile] = []  # to close at the end of the batch
+        weakref.finalize(self, _close_journals, self._open)
 
     async def write(
         self,
@@ -357,10 +367,13 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
         """This worker's state of one journal: ``view`` if given (replacing what it
         had), else its own, else the file as it is (``read``) or an empty one.
 
-        A replaced state's descriptor, if open, is one of this batch's appends: the
-        batch syncs and closes it."""
+        A replaced state's descriptor, if open, is closed at the end of the batch
+        (after the batch has synced it, if it appended to it)."""
         journal = self._journals.get(path)
         if view is not None or journal is None:
+            if journal is not None and journal.fd is not None:
+                self._open.pop(journal, None)
+                self._retired.append(journal)
             if view is not None:
                 journal = JournalFile.from_scan(path, view)
             else:
@@ -372,12 +385,23 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
         # Each journal appended to: its length and record count before the batch, and
         # the jobs whose records it took.
         appended: dict[int, tuple[JournalFile, int, int, list[_AppendJob]]] = {}
+        self._retired = []
         try:
             self._do_jobs(batch, appended)
         finally:
+            open_journals = self._open
             for journal, *_ in appended.values():
-                with contextlib.suppress(OSError):
-                    journal.close()
+                if journal.fd is not None and self._journals.get(journal.path) is journal:
+                    open_journals.pop(journal, None)
+                    open_journals[journal] = None  # the most recent, last
+            if len(open_journals) > MAX_OPEN_JOURNALS:
+                for journal in [j for j in open_journals if j.fd is None]:
+                    del open_journals[journal]
+                excess = len(open_journals) - MAX_OPEN_JOURNALS
+                for journal in list(itertools.islice(open_journals, max(0, excess))):
+                    del open_journals[journal]
+                    self._retired.append(journal)
+            _close_journals(self._retired)
 
     def _do_jobs(
         self,
@@ -481,6 +505,25 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
                 for job in rewritten:
                     assert job.journal_file is not None
                     job.journal_file.entry_unsynced = False
+
+
+def _max_open_journals() -> int:
+    try:
+        limit = os.sysconf("SC_OPEN_MAX")  # the process's descriptor limit
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        limit = 4096
+    return max(16, min(1024, limit // 4))
+
+
+MAX_OPEN_JOURNALS = _max_open_journals()
+"""How many journal descriptors a folder's writer keeps open between batches: 1024, or
+a quarter of the process's descriptor limit if that is lower (sockets need the rest)."""
+
+
+def _close_journals(journals: Iterable[JournalFile]) -> None:
+    for journal in journals:
+        with contextlib.suppress(OSError):
+            journal.close()
 
 
 def _append_error(job: _AppendJob) -> Exception | None:

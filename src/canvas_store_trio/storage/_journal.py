@@ -163,8 +163,9 @@ class JournalFile:
     may hold bytes past ``length`` (a torn tail, a failed append), cut off before the
     next append. ``entry_unsynced``: the file's folder entry (creation, or the rename of
     a rewrite) is not durable yet, so the folder must be fsynced before an append to it
-    counts as durable. ``fd`` is open from the first append until :meth:`close` (the
-    writer closes it at the end of each batch) or a fold.
+    counts as durable. ``fd`` is open from the first append until :meth:`close` or a
+    fold (the writer keeps it open between batches, see
+    :class:`~canvas_store_trio.storage._files.FolderWriter`).
     """
 
     path: Path
@@ -211,8 +212,7 @@ class JournalFile:
             os.ftruncate(fd, self.length)
             self.dirty_tail = False
         try:
-            os.lseek(fd, self.length, os.SEEK_SET)
-            _write_all(fd, record.data)
+            _write_all(fd, record.data, self.length)
         except BaseException:
             self.truncate(self.length, len(self.records))
             raise
@@ -272,8 +272,9 @@ class JournalFile:
             os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    """Write ``data`` at ``offset`` (``pwrite``: one system call, no seek)."""
     view = memoryview(data)
     while view:
-        written = os.writev(fd, [view])
-        view = view[written:]
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
