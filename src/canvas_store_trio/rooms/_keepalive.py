@@ -1,10 +1,10 @@
-"""Keep-alive: one task per room pings its sessions and drops those that stop answering."""
+"""Keep-alive: one task per manager pings every session and drops those that stop answering."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable
 
 import trio
 from trio_websocket import ConnectionClosed
@@ -14,22 +14,27 @@ from ._session import Session
 
 
 async def keep_alive(
-    room_id: str, sessions: Mapping[str, Session], *, interval: float, timeout: float
+    sessions: Callable[[], Iterable[Session]], *, interval: float, timeout: float
 ) -> None:
-    """Every ``interval``, ping each session not still waiting for its last pong.
+    """Every ``interval``, ping each of ``sessions()`` not still waiting for its last pong.
 
-    One task and one timer per room, not per session: each ping runs in its session's
-    nursery, so it ends with the session. Runs until cancelled.
+    One task and one timer for every room, not one per room or per session: each ping
+    runs in its session's nursery, so it ends with the session. Runs until cancelled.
     """
     while True:
         await trio.sleep(interval)
-        for session in sessions.values():
-            if session.nursery is not None and not session.pinging:
-                session.pinging = True
-                session.nursery.start_soon(_ping, room_id, session, timeout)
+        _ping_all(sessions(), timeout)
 
 
-async def _ping(room_id: str, session: Session, timeout: float) -> None:
+def _ping_all(sessions: Iterable[Session], timeout: float) -> None:
+    """Start the pings (a function of its own: the sleeping task keeps no session)."""
+    for session in sessions:
+        if session.nursery is not None and not session.pinging:
+            session.pinging = True
+            session.nursery.start_soon(_ping, session, timeout)
+
+
+async def _ping(session: Session, timeout: float) -> None:
     """Ping once; close the session with 1001 if the pong takes over ``timeout``."""
     with trio.move_on_after(timeout) as scope:
         with contextlib.suppress(
@@ -43,7 +48,7 @@ async def _ping(room_id: str, session: Session, timeout: float) -> None:
             logging.INFO,
             "ping_timeout",
             "room %r: client %r dropped: no pong within %g s",
-            room_id,
+            session.room_id,
             session.client_id,
             timeout,
             **session.log_fields(),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import Any
@@ -15,6 +15,7 @@ from .._protocol import Limits
 from ..cluster._ownership import NotOwnerError, Owner, Ownership, SoleOwnership
 from ..storage._base import Storage
 from ._history import DEFAULT_HISTORY_KEEP
+from ._keepalive import keep_alive
 from ._room import (
     DocumentPatchHook,
     MessageSocket,
@@ -23,7 +24,7 @@ from ._room import (
     SessionRemovedHook,
     TokenRefreshHook,
 )
-from ._session import Permissions, SessionInfo, TokenRefresh
+from ._session import Permissions, Session, SessionInfo, TokenRefresh
 from ._stats import Stats
 
 
@@ -113,9 +114,12 @@ class RoomManager:
         self._nursery: trio.Nursery | None = None
         self._exit_stack = AsyncExitStack()
         self._closing = False
+        self._keep_alive_scope = trio.CancelScope()
 
     async def __aenter__(self) -> RoomManager:
         self._nursery = await self._exit_stack.enter_async_context(trio.open_nursery())
+        if self.limits.ping_interval is not None:
+            self._nursery.start_soon(self._keep_alive, name="keep-alive")
         return self
 
     async def __aexit__(
@@ -126,6 +130,7 @@ class RoomManager:
     ) -> bool | None:
         with trio.CancelScope(shield=True):
             await self.close_all()
+        self._keep_alive_scope.cancel()
         return await self._exit_stack.__aexit__(exc_type, exc, tb)
 
     @property
@@ -136,6 +141,21 @@ class RoomManager:
     def session_count(self) -> int:
         """Sessions in every open room."""
         return sum(room.session_count() for room in self._rooms.values())
+
+    async def _keep_alive(self) -> None:
+        """One keep-alive task for every room's sessions, cancelled once the rooms have
+        closed (the manager's exit)."""
+        assert self.limits.ping_interval is not None
+        with self._keep_alive_scope:
+            await keep_alive(
+                self._all_sessions,
+                interval=self.limits.ping_interval,
+                timeout=self.limits.ping_timeout,
+            )
+
+    def _all_sessions(self) -> Iterator[Session]:
+        for room in self._rooms.values():
+            yield from room.iter_sessions()
 
     def room_ids(self) -> list[str]:
         """The ids of the rooms open now (loading and closing ones included)."""

@@ -61,7 +61,6 @@ from ..transport._handshake import MessageSocket
 from ._commits import CommitError, Committer
 from ._feed import Change, ChangeFeed
 from ._history import DEFAULT_HISTORY_KEEP, HistoryKeeper
-from ._keepalive import keep_alive
 from ._saver import Saver
 from ._session import (
     NORMAL_CLOSE_CODES,
@@ -300,16 +299,6 @@ class Room:
                 self.saver.attach(nursery)
                 if self.history is not None:
                     nursery.start_soon(self.history.run)
-                if self.limits.ping_interval is not None:
-                    nursery.start_soon(
-                        functools.partial(
-                            keep_alive,
-                            self.room_id,
-                            self._sessions,
-                            interval=self.limits.ping_interval,
-                            timeout=self.limits.ping_timeout,
-                        )
-                    )
                 await self._wait_until_idle_or_closed()
                 nursery.cancel_scope.cancel()
         finally:
@@ -507,6 +496,10 @@ class Room:
     def session_count(self) -> int:
         """Sessions in the room now."""
         return len(self._sessions)
+
+    def iter_sessions(self) -> Iterator[Session]:
+        """The sessions in the room now (what the manager's keep-alive pings)."""
+        return iter(self._sessions.values())
 
     def get_sessions(self) -> list[SessionInfo]:
         """Every session in the room now: id, client id, permissions, metadata."""
