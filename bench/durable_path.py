@@ -21,7 +21,6 @@ CPU time moves with the machine: compare runs made one after another, several ti
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import socket
 import tempfile
@@ -29,12 +28,10 @@ import time
 from typing import Any
 
 import trio
-from frame_path import InlinePoller, client_frame
+from frame_path import InlinePoller, attach, client_frame
 
 from canvas_store_trio.rooms._room import Room
-from canvas_store_trio.rooms._session import Session
 from canvas_store_trio.storage import FileStorage
-from canvas_store_trio.transport._http import HttpRequest
 from canvas_store_trio.transport._wire import WireSocket
 
 
@@ -55,29 +52,8 @@ async def run(
             )
             nursery.start_soon(room.run)
             await room.wait_accepting_or_closed()
-            pair = []
-            for c in range(editors):
-                ours, peer = socket.socketpair()
-                ours.setblocking(False)
-                peer.setblocking(False)
-                stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
-                ws = WireSocket(
-                    stream, HttpRequest("GET", "/", {}), max_message_size=1 << 20, poller=poller
-                )
-                session = Session(
-                    ws,
-                    room.room_id,
-                    f"c{r}-{c}",
-                    "readwrite",
-                    None,
-                    outbox_max_bytes=1 << 24,
-                    pending=room._unflushed,
-                    stats=room.stats,
-                )
-                room._add_session(session)
-                ws._on_message = functools.partial(room._handle_frame, session)
-                ws._after_messages = room._flush
-                pair.append((ws, peer))
+            pair = [attach(room, f"c{r}-{c}", poller, outbox_max_bytes=1 << 24)
+                    for c in range(editors)]
             members.append((room, pair))
 
         def frame(r: int, c: int, n: int) -> bytes:

@@ -55,36 +55,31 @@ class InlinePoller:
         self.after_batch.append(callback)
 
 
+def attach(room: Room, client_id: str, poller: Any, *, outbox_max_bytes: int
+           ) -> tuple[WireSocket, socket.socket]:
+    """A read-write session of ``room`` on one end of a socket pair, read by ``poller``'s
+    callbacks: (its wire socket, the peer end, where the client's frames are written)."""
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    peer.setblocking(False)
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+    ws = WireSocket(stream, HttpRequest("GET", "/", {}), max_message_size=1 << 20, poller=poller)
+    session = Session(ws, room.room_id, client_id, "readwrite", None,
+                      outbox_max_bytes=outbox_max_bytes, pending=room._unflushed,
+                      stats=room.stats)
+    room._add_session(session)
+    ws._on_message = functools.partial(room._handle_frame, session)
+    ws._after_messages = room._flush
+    return ws, peer
+
+
 async def run(rooms: int, frames: int, warmup: int) -> float:
     poller: Any = InlinePoller()  # has the two methods a WireSocket calls
     members: list[list[tuple[WireSocket, socket.socket]]] = []
     for r in range(rooms):
         room = Room(f"r{r}", save_throttle=1e9)
         room._accepting = True
-        pending = room._unflushed
-        pair = []
-        for c in range(2):
-            ours, peer = socket.socketpair()
-            ours.setblocking(False)
-            peer.setblocking(False)
-            stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
-            ws = WireSocket(
-                stream, HttpRequest("GET", "/", {}), max_message_size=1 << 20, poller=poller
-            )
-            session = Session(
-                ws,
-                room.room_id,
-                f"c{r}-{c}",
-                "readwrite",
-                None,
-                outbox_max_bytes=1 << 22,
-                pending=pending,
-                stats=room.stats,
-            )
-            room._add_session(session)
-            ws._on_message = functools.partial(room._handle_frame, session)
-            ws._after_messages = room._flush
-            pair.append((ws, peer))
+        pair = [attach(room, f"c{r}-{c}", poller, outbox_max_bytes=1 << 22) for c in range(2)]
         members.append(pair)
     payloads = [
         [
