@@ -219,6 +219,8 @@ async def test_after_messages_runs_once_per_socket_after_the_whole_batch() -> No
                 )
             await until(lambda: poller.is_waiting(server_a.socket.fileno()))
             await until(lambda: poller.is_waiting(server_b.socket.fileno()))
+            assert sorted(events) == ["a after", "b after"]  # each before its first wait
+            events.clear()
             # Written without a checkpoint, so both are ready when the poller next wakes.
             os.write(client_a.socket.fileno(), text("1") + text("2"))
             os.write(client_b.socket.fileno(), text("3"))
@@ -227,3 +229,26 @@ async def test_after_messages_runs_once_per_socket_after_the_whole_batch() -> No
     messages, afters = events[:3], events[3:]
     assert sorted(messages) == ["a:1", "a:2", "b:3"]
     assert sorted(afters) == ["a after", "b after"]
+
+
+async def test_frames_waiting_before_the_first_wait_are_handled_in_the_task() -> None:
+    """What arrived before ``deliver_messages`` began is read in its own task, and one
+    ``after_messages`` call follows them, before it parks in the poller."""
+    events: list[str] = []
+    tasks: set[trio.lowlevel.Task] = set()
+
+    def on_message(message: str | bytes) -> None:
+        events.append(str(message))
+        tasks.add(trio.lowlevel.current_task())
+
+    async with open_read_poller() as poller, tcp_pair() as (server, client):
+        assert poller is not None
+        ws = wire_socket(server, poller)
+        os.write(client.socket.fileno(), text("1") + text("2"))
+        await until(lambda: select.select([server.socket], [], [], 0)[0] != [])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ws.deliver_messages, on_message, lambda: events.append("after"))
+            await until(lambda: poller.is_waiting(server.socket.fileno()))
+            assert tasks == set(nursery.child_tasks)  # not the poller's task
+            nursery.cancel_scope.cancel()
+    assert events == ["1", "after", "2", "after", "after"]

@@ -620,6 +620,7 @@ class Room:
                     on_message, after_messages=self._flush
                 )
             else:
+                self._flush()
                 while True:
                     self.handle_frame(session, await socket.get_message())
         except ConnectionClosed as exc:
@@ -650,8 +651,8 @@ class Room:
         presence = self.ephemeral.snapshot_for(session.client_id)
         if presence:
             session.send(presence_frame("", presence))
+        # Written by the session's first read (see _read_frames), with its answers.
         self._broadcast(client_count_frame(len(self._sessions)))
-        self._flush()
 
     def _remove_session(self, session: Session) -> None:
         if self._sessions.pop(session.session_id, None) is None:

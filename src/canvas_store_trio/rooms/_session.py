@@ -40,7 +40,8 @@ class PushSocket(Protocol):
     """A socket that calls back with each message instead of being asked (``WireSocket``).
 
     ``deliver_messages`` runs until the connection ends, like a ``get_message`` loop,
-    and calls ``after_messages`` once a batch of messages has been delivered.
+    and calls ``after_messages`` once a batch of messages has been delivered, and before
+    it waits for more.
     """
 
     async def deliver_messages(

@@ -238,7 +238,9 @@ class WireSocket:
         poller, the poller's task reads the socket and calls ``on_message`` there, with
         no task switch per message, and calls ``after_messages`` once it has served
         every socket of its batch (so a room writes what a batch queued in one write
-        per client); without one, ``after_messages`` follows each message. Control
+        per client); without one, ``after_messages`` follows each message. It is also
+        called before each wait for more bytes, so what the caller queued before this
+        is written once the bytes that had already arrived are handled. Control
         frames, protocol errors and the end of the stream come back to this task, which
         answers them as :meth:`get_message` does. An exception from ``on_message`` is
         raised here. Cancellation stops delivery between two messages; bytes not yet
@@ -246,6 +248,7 @@ class WireSocket:
         they usually hold whoever owns this socket (a room's session), and keeping them
         would make a cycle that only a full garbage collection frees.
         """
+        first_wait = True
         try:
             while self._pending:
                 on_message(self._pending.popleft())
@@ -255,7 +258,16 @@ class WireSocket:
                 if message is not None:
                     on_message(message)
                     after_messages()
-                elif self._poller is None or self._fd is None:
+                    continue
+                # The first frames (a reconnect) have often arrived by now: read them
+                # here, so that what the caller queued before (its join) goes out in
+                # one write with their answers, not one write each.
+                if first_wait and self._read_nowait():
+                    first_wait = False
+                    continue
+                first_wait = False
+                after_messages()
+                if self._poller is None or self._fd is None:
                     await self._read_more()
                 else:
                     self._on_message, self._after_messages = on_message, after_messages
@@ -264,6 +276,20 @@ class WireSocket:
         finally:
             self._on_message = lambda message: None
             self._after_messages = lambda: None
+
+    def _read_nowait(self) -> bool:
+        """Buffer what the socket has now, without waiting; True if it had bytes.
+
+        The end of the stream, or an error, is left for the next read to find.
+        """
+        if self._fd is None:
+            return False
+        try:
+            data = os.read(self._fd, RECEIVE_SIZE)
+        except OSError:
+            return False
+        self._buffer += data
+        return bool(data)
 
     def _on_readable(self) -> bool:
         """The poller's callback: read once, deliver whole messages; False to hand back."""
