@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 import trio
-from frame_path import InlinePoller, attach, client_frame
+from frame_path import InlinePoller, attach, client_frame, drain
 
 from canvas_store_trio.rooms._room import Room
 from canvas_store_trio.storage import FileStorage
@@ -79,12 +79,7 @@ async def run(
                 if room.committer is not None:
                     await room.committer.commit_through(room.document.timestamp)
             for _, pair in members:
-                for _, peer in pair:
-                    try:
-                        while peer.recv(1 << 20):
-                            pass
-                    except BlockingIOError:
-                        pass
+                drain(pair)
 
         for n in range(warmup):
             await one_round(n)

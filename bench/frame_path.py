@@ -73,6 +73,16 @@ def attach(room: Room, client_id: str, poller: Any, *, outbox_max_bytes: int
     return ws, peer
 
 
+def drain(pair: list[tuple[WireSocket, socket.socket]]) -> None:
+    """Read and drop what the server wrote to each peer end so far."""
+    for _, peer in pair:
+        try:
+            while peer.recv(1 << 20):
+                pass
+        except BlockingIOError:
+            pass
+
+
 async def run(rooms: int, frames: int, warmup: int) -> float:
     poller: Any = InlinePoller()  # has the two methods a WireSocket calls
     members: list[list[tuple[WireSocket, socket.socket]]] = []
@@ -94,12 +104,7 @@ async def run(rooms: int, frames: int, warmup: int) -> float:
 
     def drain_peers() -> None:
         for pair in members:
-            for _, peer in pair:
-                try:
-                    while peer.recv(1 << 20):
-                        pass
-                except BlockingIOError:
-                    pass
+            drain(pair)
 
     def frames_through(count: int) -> None:
         for n in range(count):

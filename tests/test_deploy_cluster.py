@@ -334,7 +334,6 @@ async def test_haproxy_takes_a_paused_node_out_and_its_room_is_served_by_another
             one_server_per_timestamp(log)
 
 
-
 async def test_kill_9_a_node_behind_haproxy_and_its_room_is_served_within_the_ttl(
         tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with trio.fail_after(45):
