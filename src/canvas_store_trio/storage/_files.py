@@ -507,6 +507,16 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
                     job.journal_file.entry_unsynced = False
 
 
+def _missing(path: Path) -> bool:
+    """Whether ``path`` does not exist: one ``stat`` on the event loop, which a file
+    system answers from its cache of names (a miss is remembered too)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return True
+    return False
+
+
 def _max_open_journals() -> int:
     try:
         limit = os.sysconf("SC_OPEN_MAX")  # the process's descriptor limit
@@ -582,6 +592,10 @@ _folder_workers: trio.lowlevel.RunVar[dict[tuple[type, Path], _FolderWorker]] = 
 )
 
 
+def _as_path(folder: str | os.PathLike[str]) -> Path:
+    return folder if isinstance(folder, Path) else Path(folder)
+
+
 @attrs.define
 class FileStorage:
     """One JSON file per room, in the Node server's format, replaced atomically.
@@ -599,7 +613,7 @@ class FileStorage:
     room should then save soon, so that the journal is folded even if nothing changes.
     """
 
-    dir: Path = attrs.field(converter=Path)
+    dir: Path = attrs.field(converter=_as_path)
     room_id: str
     needs_fold: bool = attrs.field(default=False, init=False)
     _lock: trio.Lock = attrs.field(factory=trio.Lock, init=False, repr=False)
@@ -611,19 +625,16 @@ class FileStorage:
     """The snapshot, ``<room>.json``."""
     journal_path: Path = attrs.field(init=False, repr=False, eq=False)
     """The journal, ``<room>.journal``."""
-    history_path: Path = attrs.field(init=False, repr=False, eq=False)
-    """The folder of its versions, ``<room>.history``."""
 
-    @path.default
-    def _default_path(self) -> Path:
-        return self.dir / room_file_name(self.room_id)
+    def __attrs_post_init__(self) -> None:
+        # Made at each join of a new room: one name for both files.
+        stem = room_file_name(self.room_id)[: -len(".json")]
+        self.path = self.dir / f"{stem}.json"
+        self.journal_path = self.dir / f"{stem}.journal"
 
-    @journal_path.default
-    def _default_journal_path(self) -> Path:
-        return self.dir / journal_file_name(self.room_id)
-
-    @history_path.default
-    def _default_history_path(self) -> Path:
+    @property
+    def history_path(self) -> Path:
+        """The folder of its versions, ``<room>.history``."""
         return self.dir / history_folder_name(self.room_id)
 
     @property
@@ -643,9 +654,12 @@ class FileStorage:
     async def _load(self) -> tuple[Snapshot | None, Snapshot | None]:
         """The snapshot as stored, and with the journal replayed over it."""
         try:
-            data, journal = await FolderReader.of(self.dir).read_room(
-                self.path, self.journal_path
-            )
+            if _missing(self.path) and _missing(self.journal_path):
+                data = journal = None  # a new room: no thread hand-off for it
+            else:
+                data, journal = await FolderReader.of(self.dir).read_room(
+                    self.path, self.journal_path
+                )
         except OSError as exc:
             raise StorageError(f"cannot read {exc.filename or self.path}: {exc.strerror}") from None
         snapshot = None
