@@ -507,11 +507,11 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
                     job.journal_file.entry_unsynced = False
 
 
-def _missing(path: Path) -> bool:
-    """Whether ``path`` does not exist: one ``stat`` on the event loop, which a file
-    system answers from its cache of names (a miss is remembered too)."""
+def _missing(folder: Path, name: str) -> bool:
+    """Whether the file ``name`` is not in ``folder``: one ``stat`` on the event loop,
+    which a file system answers from its cache of names (a miss is remembered too)."""
     try:
-        os.stat(path)
+        os.stat(os.path.join(folder, name))
     except FileNotFoundError:
         return True
     return False
@@ -621,16 +621,27 @@ class FileStorage:
     """What the last load found in the journal, for the writer thread (handed over with
     the next job, so the thread need not read the journal again)."""
 
-    path: Path = attrs.field(init=False, repr=False, eq=False)
-    """The snapshot, ``<room>.json``."""
-    journal_path: Path = attrs.field(init=False, repr=False, eq=False)
-    """The journal, ``<room>.journal``."""
+    _stem: str = attrs.field(init=False, repr=False, eq=False)
+    _paths: tuple[Path, Path] | None = attrs.field(default=None, init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
-        # Made at each join of a new room: one name for both files.
-        stem = room_file_name(self.room_id)[: -len(".json")]
-        self.path = self.dir / f"{stem}.json"
-        self.journal_path = self.dir / f"{stem}.journal"
+        self._stem = room_file_name(self.room_id)[: -len(".json")]
+
+    @property
+    def path(self) -> Path:
+        """The snapshot, ``<room>.json``."""
+        return self._files()[0]
+
+    @property
+    def journal_path(self) -> Path:
+        """The journal, ``<room>.journal``."""
+        return self._files()[1]
+
+    def _files(self) -> tuple[Path, Path]:
+        # Made when first needed: a new room's join needs only their names.
+        if self._paths is None:
+            self._paths = (self.dir / f"{self._stem}.json", self.dir / f"{self._stem}.journal")
+        return self._paths
 
     @property
     def history_path(self) -> Path:
@@ -654,7 +665,9 @@ class FileStorage:
     async def _load(self) -> tuple[Snapshot | None, Snapshot | None]:
         """The snapshot as stored, and with the journal replayed over it."""
         try:
-            if _missing(self.path) and _missing(self.journal_path):
+            if _missing(self.dir, f"{self._stem}.json") and _missing(
+                self.dir, f"{self._stem}.journal"
+            ):
                 data = journal = None  # a new room: no thread hand-off for it
             else:
                 data, journal = await FolderReader.of(self.dir).read_room(
