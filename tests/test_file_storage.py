@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from canvas_store_trio import Document, FileStorage, Snapshot, SnapshotError, StorageError
+from canvas_store_trio._document import Changes, RecordChange
 from canvas_store_trio.storage import _files as _storage
 from canvas_store_trio.storage._files import room_file_name, room_id_from_file_name
 
@@ -161,7 +162,8 @@ async def test_rooms_loading_at_once_share_thread_hand_offs(
     async with trio.open_nursery() as nursery:
         for room_id in [*(f"room-{i}" for i in range(30)), "broken"]:
             nursery.start_soon(load, room_id)
-    assert sum(batches) == 31 and len(batches) <= 3, batches
+    # The 15 saved rooms and the broken one; a new room's files are not there to read.
+    assert sum(batches) == 16 and len(batches) <= 3, batches
     for i in range(30):
         snapshot = loaded[f"room-{i}"]
         if i % 2:
@@ -169,6 +171,27 @@ async def test_rooms_loading_at_once_share_thread_hand_offs(
         else:
             assert isinstance(snapshot, Snapshot) and snapshot.timestamp == i
     assert str(loaded["broken"]).startswith(f"cannot read {tmp_path / 'broken.json'}: ")
+
+
+async def test_a_new_room_loads_without_the_reader_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read: list[Path] = []
+    do_batch = _storage.FolderReader._do_batch
+
+    def recording(self: _storage.FolderReader, batch: list[_storage._ReadJob]) -> None:
+        read.extend(job.path for job in batch)
+        do_batch(self, batch)
+
+    monkeypatch.setattr(_storage.FolderReader, "_do_batch", recording)
+    assert await FileStorage(dir=tmp_path, room_id="new").load() is None
+    assert read == []
+    journal_only = FileStorage(dir=tmp_path, room_id="journal-only")
+    record = {"_exists": True, "x": 1}
+    await journal_only.commit(Changes(1, {"e/c": RecordChange(record, {"_exists": 1, "x": 1})}))
+    loaded = await FileStorage(dir=tmp_path, room_id="journal-only").load()
+    assert loaded is not None and loaded.state == {"e/c": record}
+    assert read == [journal_only.path]
 
 
 def counting_folder_fsyncs(

@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from canvas_store_trio import HandshakeRequest
 from canvas_store_trio.transport._handshake import accept_token
+from canvas_store_trio.transport._http import read_request, send_all_soon
 from canvas_store_trio.transport._listener import TRANSPORTS, serve_websockets
 
 from .test_hostile import mask_frame, wait_eof
@@ -226,3 +228,18 @@ async def test_frames_in_the_handshakes_tcp_segment_are_not_lost(transport: str)
                 while data.count(b"second") < 1:
                     data += await stream.receive_some(4096)
         assert s.messages == ["first", "second"]
+
+
+
+async def test_a_head_already_in_is_read_and_answered_without_a_schedule_point() -> None:
+    # Each schedule point makes a join of a burst wait behind every other task of it.
+    ours, theirs = trio.socket.socketpair()
+    server, client = trio.SocketStream(ours), trio.SocketStream(theirs)
+    await client.send_all(upgrade() + b"early")
+    with trio.testing.assert_no_checkpoints():
+        read = await read_request(server)
+        await send_all_soon(server, b"answer")
+    assert read is not None and read[0].method == "GET" and read[2] == b"early"
+    assert await client.receive_some(100) == b"answer"
+    await server.aclose()
+    await client.aclose()

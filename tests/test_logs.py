@@ -24,7 +24,7 @@ import pytest
 import trio
 
 from canvas_store_trio import JSONLogFormatter, Limits, RoomManager, StorageError
-from canvas_store_trio._logs import log_event
+from canvas_store_trio._logs import TextLogFormatter, log_event
 from canvas_store_trio.rooms._session import Session
 
 from .conftest import connect
@@ -371,3 +371,12 @@ async def test_a_connect_url_refusal_is_one_line(caplog: pytest.LogCaptureFixtur
         assert await c.closed() == (1008, "Missing clientId query parameter")
     [line] = events(caplog, "connect_refused")
     assert fields(line, "code", "error_code") == (1008, "missing-client-id")
+
+
+def test_text_lines_match_the_plain_formatter_across_seconds() -> None:
+    plain = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    text = TextLogFormatter()
+    for created in (1765000000.001, 1765000000.999, 1765000001.5, 1765000000.25):
+        line = logging.makeLogRecord({"msg": "room %r", "args": ("r",), "levelname": "INFO",
+                                      "created": created, "msecs": (created % 1) * 1000})
+        assert text.format(line) == plain.format(line)

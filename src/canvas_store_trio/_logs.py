@@ -10,6 +10,7 @@ itself: ``canvas-store-trio serve`` does, and an embedding app may use the forma
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
@@ -35,10 +36,36 @@ def log_event(
 ) -> None:
     """Log ``message % args`` on the package's logger, with ``event`` and ``fields`` as
     ``extra``. No record is made, and nothing formatted, when ``level`` is off. Fields
-    that are None are left out of the JSON."""
+    that are None are left out of the JSON. The record names the caller (file, line,
+    function) from its frame: logging's own search up the stack costs a line on the
+    hot path (a join) a tenth of its time."""
     if logger.isEnabledFor(level):
         fields["event"] = event
-        logger.log(level, message, *args, exc_info=exc_info, extra=fields, stacklevel=2)
+        caller = sys._getframe(1)
+        code = caller.f_code
+        exc = (type(exc_info), exc_info, exc_info.__traceback__) if exc_info is not None else None
+        logger.handle(logger.makeRecord(
+            logger.name, level, code.co_filename, caller.f_lineno, message, args, exc,
+            code.co_name, fields,
+        ))
+
+
+class TextLogFormatter(logging.Formatter):
+    """``serve``'s text lines: local time with milliseconds, level, message. The time's
+    seconds are formatted once a second, not once a line."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+        self._second: int | None = None
+        self._seconds_text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:  # the handler's lock is held: one line at a time
+            self._second = second
+            self._seconds_text = time.strftime(self.default_time_format,
+                                               self.converter(record.created))
+        return f"{self._seconds_text},{int(record.msecs):03d}"
 
 
 class JSONLogFormatter(logging.Formatter):

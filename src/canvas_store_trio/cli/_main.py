@@ -20,7 +20,7 @@ import trio
 
 from .. import __version__
 from .._document import SnapshotError
-from .._logs import JSONLogFormatter, log_event
+from .._logs import JSONLogFormatter, TextLogFormatter, log_event
 from .._protocol import Limits
 from ..auth._jwt import JWTAuthorizer
 from ..cluster._cli import add_cluster_commands, run_cluster_command
@@ -41,7 +41,6 @@ from ._demo_page import DemoNotBuiltError, demo_http_handler, page_url
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
-TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,7 +254,7 @@ def configure_logging(level: str = "info", log_format: str = "text") -> None:
     """Log to stderr at ``level``, as text or as one JSON object a line."""
     handler = logging.StreamHandler(sys.stderr)
     json_lines = log_format == "json"
-    handler.setFormatter(JSONLogFormatter() if json_lines else logging.Formatter(TEXT_LOG_FORMAT))
+    handler.setFormatter(JSONLogFormatter() if json_lines else TextLogFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler])
     logging.captureWarnings(json_lines)  # else they would be lines of their own format
 

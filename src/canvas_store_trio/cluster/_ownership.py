@@ -111,7 +111,8 @@ class SoleOwnership:
     this process owns every room, and never loses one."""
 
     async def acquire(self, room_id: str, on_lost: LostHook) -> Lease:
-        await trio.lowlevel.checkpoint()
+        """A lease at once, without a checkpoint: a new room's join waits one loop
+        round less."""
         return Lease(room_id, 0, on_lost)
 
     async def release(self, lease: Lease) -> None:

@@ -507,6 +507,16 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
                     job.journal_file.entry_unsynced = False
 
 
+def _missing(folder: Path, name: str) -> bool:
+    """Whether the file ``name`` is not in ``folder``: one ``stat`` on the event loop,
+    which a file system answers from its cache of names (a miss is remembered too)."""
+    try:
+        os.stat(os.path.join(folder, name))
+    except FileNotFoundError:
+        return True
+    return False
+
+
 def _max_open_journals() -> int:
     try:
         limit = os.sysconf("SC_OPEN_MAX")  # the process's descriptor limit
@@ -582,6 +592,10 @@ _folder_workers: trio.lowlevel.RunVar[dict[tuple[type, Path], _FolderWorker]] = 
 )
 
 
+def _as_path(folder: str | os.PathLike[str]) -> Path:
+    return folder if isinstance(folder, Path) else Path(folder)
+
+
 @attrs.define
 class FileStorage:
     """One JSON file per room, in the Node server's format, replaced atomically.
@@ -599,7 +613,7 @@ class FileStorage:
     room should then save soon, so that the journal is folded even if nothing changes.
     """
 
-    dir: Path = attrs.field(converter=Path)
+    dir: Path = attrs.field(converter=_as_path)
     room_id: str
     needs_fold: bool = attrs.field(default=False, init=False)
     _lock: trio.Lock = attrs.field(factory=trio.Lock, init=False, repr=False)
@@ -607,23 +621,31 @@ class FileStorage:
     """What the last load found in the journal, for the writer thread (handed over with
     the next job, so the thread need not read the journal again)."""
 
-    path: Path = attrs.field(init=False, repr=False, eq=False)
-    """The snapshot, ``<room>.json``."""
-    journal_path: Path = attrs.field(init=False, repr=False, eq=False)
-    """The journal, ``<room>.journal``."""
-    history_path: Path = attrs.field(init=False, repr=False, eq=False)
-    """The folder of its versions, ``<room>.history``."""
+    _stem: str = attrs.field(init=False, repr=False, eq=False)
+    _paths: tuple[Path, Path] | None = attrs.field(default=None, init=False, repr=False, eq=False)
 
-    @path.default
-    def _default_path(self) -> Path:
-        return self.dir / room_file_name(self.room_id)
+    def __attrs_post_init__(self) -> None:
+        self._stem = room_file_name(self.room_id)[: -len(".json")]
 
-    @journal_path.default
-    def _default_journal_path(self) -> Path:
-        return self.dir / journal_file_name(self.room_id)
+    @property
+    def path(self) -> Path:
+        """The snapshot, ``<room>.json``."""
+        return self._files()[0]
 
-    @history_path.default
-    def _default_history_path(self) -> Path:
+    @property
+    def journal_path(self) -> Path:
+        """The journal, ``<room>.journal``."""
+        return self._files()[1]
+
+    def _files(self) -> tuple[Path, Path]:
+        # Made when first needed: a new room's join needs only their names.
+        if self._paths is None:
+            self._paths = (self.dir / f"{self._stem}.json", self.dir / f"{self._stem}.journal")
+        return self._paths
+
+    @property
+    def history_path(self) -> Path:
+        """The folder of its versions, ``<room>.history``."""
         return self.dir / history_folder_name(self.room_id)
 
     @property
@@ -643,9 +665,14 @@ class FileStorage:
     async def _load(self) -> tuple[Snapshot | None, Snapshot | None]:
         """The snapshot as stored, and with the journal replayed over it."""
         try:
-            data, journal = await FolderReader.of(self.dir).read_room(
-                self.path, self.journal_path
-            )
+            if _missing(self.dir, f"{self._stem}.json") and _missing(
+                self.dir, f"{self._stem}.journal"
+            ):
+                data = journal = None  # a new room: no thread hand-off for it
+            else:
+                data, journal = await FolderReader.of(self.dir).read_room(
+                    self.path, self.journal_path
+                )
         except OSError as exc:
             raise StorageError(f"cannot read {exc.filename or self.path}: {exc.strerror}") from None
         snapshot = None

@@ -37,6 +37,7 @@ from ._http import (
     http_response,
     read_body,
     read_request,
+    send_all_soon,
 )
 from ._poller import ReadPoller
 from ._wire import WireSocket
@@ -347,7 +348,7 @@ async def _accept(
     ]
     if subprotocol is not None:
         head.append(f"Sec-WebSocket-Protocol: {subprotocol}")
-    await stream.send_all(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+    await send_all_soon(stream, ("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
     return WireSocket(
         stream,
         request,

@@ -11,6 +11,7 @@ Responses are ours to write: a status line and a few fixed headers, always
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Mapping
 
 import attrs
@@ -95,6 +96,33 @@ class BadRequest(Exception):
         self.status = status
 
 
+def receive_now(stream: trio.abc.Stream, max_bytes: int) -> bytes | None:
+    """What a TCP stream's socket holds now (b"" at its end), read without waiting, and
+    without the schedule point of ``receive_some``; None if it holds nothing yet or
+    ``stream`` is not a socket. An error is left for an awaited read to raise."""
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    try:
+        return os.read(stream.socket.fileno(), max_bytes)
+    except OSError:  # nothing yet (or an error the awaited read reports)
+        return None
+
+
+async def send_all_soon(stream: trio.abc.Stream, data: bytes) -> None:
+    """``stream.send_all(data)``, but as much as the socket takes now is written at
+    once, with no schedule point; only the rest is awaited. On a new connection the
+    kernel takes a whole answer: its client hears back one loop round sooner."""
+    if isinstance(stream, trio.SocketStream):
+        try:
+            sent = os.write(stream.socket.fileno(), data)
+        except OSError:  # full (or an error the awaited send reports)
+            sent = 0
+        data = data[sent:]
+        if not data:
+            return
+    await stream.send_all(data)
+
+
 async def read_request(stream: trio.abc.Stream) -> tuple[HttpRequest, bytes, bytes] | None:
     """Read one request head; return it parsed, its raw bytes, and the bytes after it.
 
@@ -108,7 +136,9 @@ async def read_request(stream: trio.abc.Stream) -> tuple[HttpRequest, bytes, byt
     while (end := buffer.find(b"\r\n\r\n")) < 0:
         if len(buffer) > MAX_HEAD_SIZE:
             raise BadRequest(431, "request head too large")
-        data = await stream.receive_some(MAX_HEAD_SIZE)
+        data = receive_now(stream, MAX_HEAD_SIZE)
+        if data is None:
+            data = bytes(await stream.receive_some(MAX_HEAD_SIZE))
         if not data:
             return None
         buffer += data
