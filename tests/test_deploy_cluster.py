@@ -29,7 +29,14 @@ import pytest
 import trio
 
 from .conftest import node_modules
-from .processes import Server, cluster_nodes, editor_processes, npm_peer, npm_until
+from .processes import (
+    EditorLog,
+    Server,
+    cluster_nodes,
+    editor_processes,
+    npm_peer,
+    npm_until,
+)
 from .test_cluster import url
 from .test_cluster_failures import check_nothing_lost, one_server_per_timestamp
 from .test_cluster_forwarding import metric, owners
@@ -158,20 +165,27 @@ async def forwarded(nodes: list[Server]) -> list[float]:
     return [await metric(node, "canvas_store_forwarded_connections_total") for node in nodes]
 
 
+@asynccontextmanager
+async def editing(base: str, rooms: list[str], url: str) -> AsyncIterator[EditorLog]:
+    """Two npm clients per room edit through ``base`` while the block runs (its
+    value: their log). Leaving it, they settle, every value a client saw acked is
+    stored, and no room timestamp came from two servers."""
+    async with editor_processes([base], rooms, 2, node_modules()) as editors:
+        yield editors.log
+        states = await editors.settle(10)
+    await check_nothing_lost(url, editors.log, states)
+    one_server_per_timestamp(editors.log)
+
+
 async def converge(base: str, nodes: list[Server], rooms: list[str], url: str
                    ) -> dict[str, str]:
     """Two npm clients per room edit through ``base`` until every room has acks; then
     they settle, lose nothing, and no node forwarded any of them. The rooms' owners."""
-    modules = node_modules()
-    async with editor_processes([base], rooms, 2, modules) as editors:
-        log = editors.log
+    async with editing(base, rooms, url) as log:
         await log.wait_for("acks in every room", lambda: all(
             len(log.acks_since(0, room)) >= 5 for room in rooms), 20)
         owner = await owners(url)
         sessions = [await metric(node, "canvas_store_sessions") for node in nodes]
-        states = await editors.settle(10)
-    await check_nothing_lost(url, log, states)
-    one_server_per_timestamp(log)
     assert set(owner) == set(rooms), owner
     # Every client reached its room's owner directly.
     assert sessions == [2 * list(owner.values()).count(f"n{i}") for i in range(3)], (
@@ -212,8 +226,7 @@ async def test_kill_9_a_node_and_nginx_sends_its_rooms_to_the_next_node_within_t
             victim = nodes[0]
             rooms = [*rooms_for(ring, victim.address, 1, "k"),
                      *rooms_for(ring, nodes[1].address, 1, "k")]
-            async with editor_processes([base], rooms, 2, node_modules()) as editors:
-                log = editors.log
+            async with editing(base, rooms, url) as log:
                 await log.wait_for("acks in every room", lambda: all(
                     len(log.acks_since(0, room)) >= 10 for room in rooms), 20)
                 victim.process.kill()
@@ -229,9 +242,6 @@ async def test_kill_9_a_node_and_nginx_sends_its_rooms_to_the_next_node_within_t
                 assert (await owners(url)) == {
                     rooms[0]: f"n{addresses.index(heir)}", rooms[1]: "n1"}
                 await trio.sleep(0.5)
-                states = await editors.settle(10)
-            await check_nothing_lost(url, log, states)
-            one_server_per_timestamp(log)
             # While the victim's lease lived, the heir tried to forward the room's
             # clients to it, and failed (the client got 1013 and retried): nothing was
             # spliced.
@@ -257,8 +267,7 @@ async def test_a_paused_node_costs_a_new_nginx_client_a_second_and_serves_nothin
             paused = nodes[0]
             held, fresh, other = rooms_for(ring, paused.address, 3, "p")
             heir = nodes[addresses.index(nginx_pick(ring, held, skip=(paused.address,)))]
-            async with editor_processes([base], [held], 2, node_modules()) as editors:
-                log = editors.log
+            async with editing(base, [held], url) as log:
                 await log.wait_for("acks", lambda: len(log.acks_since(0, held)) >= 10, 20)
                 assert (await owners(url)) == {held: "n0"}
                 paused.process.send_signal(signal.SIGSTOP)
@@ -299,62 +308,55 @@ async def test_a_paused_node_costs_a_new_nginx_client_a_second_and_serves_nothin
                 closes = [code for at, _, _, code in log.closes if at >= stopped]
                 print(f"the held room's closes once the node woke: {closes}")
                 assert closes.count(1012) == 2, closes  # it closed both of its sessions
-                states = await editors.settle(10)
-            await check_nothing_lost(url, log, states)
-            one_server_per_timestamp(log)
 
 
 async def test_haproxy_takes_a_paused_node_out_and_its_room_is_served_by_another(
         tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with trio.fail_after(50):
-        async with behind("haproxy", tmp_path, url, monkeypatch) as (nodes, base):
-            async with editor_processes([base], ["h"], 2, node_modules()) as editors:
-                log = editors.log
-                await log.wait_for("acks", lambda: len(log.acks_since(0, "h")) >= 10, 20)
-                owner_id = (await owners(url))["h"]
-                paused = nodes[int(owner_id[1:])]
-                paused.process.send_signal(signal.SIGSTOP)
-                try:
-                    took = await synced_in(base, "h", "h-new")
-                    print(f"a new client through HAProxy of a paused node's room "
-                          f"(ttl {TTL:g} s): synced after {took:.2f} s")
-                    # Health checks take the node out (2 x 1 s, 1 s timeout) while the
-                    # lease lapses; a handshake sent to it meanwhile fails after
-                    # `timeout server` (5 s), and the client retries.
-                    assert took < 8, took
-                    assert (await owners(url))["h"] != owner_id
-                finally:
-                    paused.process.send_signal(signal.SIGCONT)
-                woke = trio.current_time()
-                await log.wait_for("acks again after SIGCONT", lambda: len(
-                    log.acks_since(woke + 0.5, "h")) >= 5, 10)
-                assert await metric(paused, "canvas_store_sessions") == 0
-                states = await editors.settle(10)
-            await check_nothing_lost(url, log, states)
-            one_server_per_timestamp(log)
+        async with (
+            behind("haproxy", tmp_path, url, monkeypatch) as (nodes, base),
+            editing(base, ["h"], url) as log,
+        ):
+            await log.wait_for("acks", lambda: len(log.acks_since(0, "h")) >= 10, 20)
+            owner_id = (await owners(url))["h"]
+            paused = nodes[int(owner_id[1:])]
+            paused.process.send_signal(signal.SIGSTOP)
+            try:
+                took = await synced_in(base, "h", "h-new")
+                print(f"a new client through HAProxy of a paused node's room "
+                      f"(ttl {TTL:g} s): synced after {took:.2f} s")
+                # Health checks take the node out (2 x 1 s, 1 s timeout) while the
+                # lease lapses; a handshake sent to it meanwhile fails after
+                # `timeout server` (5 s), and the client retries.
+                assert took < 8, took
+                assert (await owners(url))["h"] != owner_id
+            finally:
+                paused.process.send_signal(signal.SIGCONT)
+            woke = trio.current_time()
+            await log.wait_for("acks again after SIGCONT", lambda: len(
+                log.acks_since(woke + 0.5, "h")) >= 5, 10)
+            assert await metric(paused, "canvas_store_sessions") == 0
 
 
 async def test_kill_9_a_node_behind_haproxy_and_its_room_is_served_within_the_ttl(
         tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with trio.fail_after(45):
-        async with behind("haproxy", tmp_path, url, monkeypatch) as (nodes, base):
-            async with editor_processes([base], ["k"], 2, node_modules()) as editors:
-                log = editors.log
-                await log.wait_for("acks", lambda: len(log.acks_since(0, "k")) >= 10, 20)
-                owner_id = (await owners(url))["k"]
-                nodes[int(owner_id[1:])].process.kill()
-                killed = trio.current_time()
-                # The clients reconnect; HAProxy's connection to the dead node is refused
-                # and it redispatches to another, which takes the room once its lease
-                # lapses (1013 to the clients until then).
-                await log.wait_for("an ack after the kill", lambda: bool(
-                    log.acks_since(killed, "k")), TTL + 5)
-                served_after = log.acks_since(killed, "k")[0].at - killed
-                print(f"kill -9 to the first ack through HAProxy (ttl {TTL:g} s): "
-                      f"{served_after:.2f} s")
-                assert served_after < TTL + 2
-                assert (await owners(url))["k"] != owner_id
-                await trio.sleep(0.5)
-                states = await editors.settle(10)
-            await check_nothing_lost(url, log, states)
-            one_server_per_timestamp(log)
+        async with (
+            behind("haproxy", tmp_path, url, monkeypatch) as (nodes, base),
+            editing(base, ["k"], url) as log,
+        ):
+            await log.wait_for("acks", lambda: len(log.acks_since(0, "k")) >= 10, 20)
+            owner_id = (await owners(url))["k"]
+            nodes[int(owner_id[1:])].process.kill()
+            killed = trio.current_time()
+            # The clients reconnect; HAProxy's connection to the dead node is refused
+            # and it redispatches to another, which takes the room once its lease
+            # lapses (1013 to the clients until then).
+            await log.wait_for("an ack after the kill", lambda: bool(
+                log.acks_since(killed, "k")), TTL + 5)
+            served_after = log.acks_since(killed, "k")[0].at - killed
+            print(f"kill -9 to the first ack through HAProxy (ttl {TTL:g} s): "
+                  f"{served_after:.2f} s")
+            assert served_after < TTL + 2
+            assert (await owners(url))["k"] != owner_id
+            await trio.sleep(0.5)
