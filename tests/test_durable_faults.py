@@ -377,3 +377,83 @@ async def test_rooms_of_one_commit_group_commit_together_and_fail_alone(
     assert group.batches[0] == ["r0"]
     assert sorted(group.batches[1]) == ["r0", "r1", "r2"]
     assert storages["r1"].commits == [] and storages["r2"].timestamp == 1
+
+
+@attrs.define(eq=False)
+class CallbackGroup:
+    """A commit group that starts batches without a task waiting on them (a
+    ``CallbackCommitGroup``, as a folder's writer is): each batch is recorded with its
+    ``on_done``, which the test calls when it likes, or never."""
+
+    started: list[tuple[list[str], Any]] = attrs.Factory(list)
+
+    async def commit_many(self, commits: Any) -> list[Exception | None]:
+        raise AssertionError("a callback group's batches are started, not awaited")
+
+    def start_commits(self, commits: Any, on_done: Any) -> None:
+        self.started.append(([storage.room_id for storage, _ in commits], on_done))
+
+
+def callback_manager(group: CallbackGroup, rooms: tuple[str, ...]) -> RoomManager:
+    storages = {room: GroupedStorage(room_id=room, commit_group=group)  # type: ignore[arg-type]
+                for room in rooms}
+    return RoomManager(durable_acks=True, create_storage=storages.__getitem__,
+                       save_throttle=1000.0, idle_timeout=600.0, flush_timeout=60.0,
+                       limits=NO_PINGS)
+
+
+async def test_a_callback_groups_batch_ends_in_its_callback_which_starts_the_next(
+    autojump_clock: Any,
+) -> None:
+    group = CallbackGroup()
+    async with (
+        callback_manager(group, ("r0", "r1")) as manager,
+        connect(manager, "roomId=r0&clientId=a") as a,
+        connect(manager, "roomId=r1&clientId=b") as b,
+    ):
+        for client in (a, b):
+            await client.reconnect()
+        await edit(a, "first/a")
+        with trio.fail_after(5):
+            while not group.started:
+                await trio.sleep(0.001)
+        await edit(a, "second/a")
+        await edit(b, "k/b")
+        await trio.sleep(1)  # applied, and waiting for the batch in flight
+        assert len(group.started) == 1
+        r0, r1 = manager.get_existing_room("r0"), manager.get_existing_room("r1")
+        assert r0 is not None and r0.committer is not None
+        assert r1 is not None and r1.committer is not None
+        # No checkpoint from here on: whatever happens, happens in the callback.
+        group.started[0][1]([None])
+        assert r0.committer.committed == 1
+        assert [rooms for rooms, _ in group.started] == [["r0"], ["r0", "r1"]]
+        group.started[1][1]([None, None])
+        assert (r0.committer.committed, r1.committer.committed) == (2, 1)
+        assert [f["messageId"] for f in await take(a, "ack", 2)] == ["first/a", "second/a"]
+        assert [f["messageId"] for f in await take(b, "ack", 1)] == ["k/b"]
+
+
+async def test_a_callback_groups_batch_that_never_ends_fails_at_the_timeout(
+    autojump_clock: Any,
+) -> None:
+    group = CallbackGroup()
+    async with (
+        callback_manager(group, ("r0",)) as manager,
+        connect(manager, "roomId=r0&clientId=a") as a,
+    ):
+        await a.reconnect()
+        started = trio.current_time()
+        await edit(a, "k/a")
+        frames = []
+        with pytest.raises(ConnectionClosed) as closed, trio.fail_after(100):
+            while True:
+                frames.append(await a.receive(timeout=100))
+        code = closed.value.reason.code
+        assert code == 1013 and not frames_of(frames, "ack"), frames
+        assert 60 <= trio.current_time() - started < 61  # flush_timeout
+        assert [rooms for rooms, _ in group.started] == [["r0"]]
+        room = manager.get_existing_room("r0")
+        committer = room.committer if room is not None else None
+        group.started[0][1]([None])  # too late: ignored
+        assert committer is None or committer.committed == 0
