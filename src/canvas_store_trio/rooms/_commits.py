@@ -10,9 +10,7 @@ edit applied meanwhile goes into the next one, while the rooms keep applying.
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,7 +19,7 @@ import trio
 
 from .._document import Changes, Document
 from .._logs import log_event
-from ..storage._base import CallbackCommitGroup, CommitGroup, JournalStorage
+from ..storage._base import CommitGroup, JournalStorage
 from ._session import Session
 from ._stats import Stats
 
@@ -270,28 +268,16 @@ class _CommitDriver:
     """Commits the rooms of one :class:`CommitGroup` in lockstep, with no task per room.
 
     One batch is in flight at a time: every room with edits applied meanwhile joins the
-    next, which starts as soon as the last one has returned and its frames are sent.
-    Each batch has at most the smallest ``timeout`` of its rooms; past that, each of
-    them fails with a :class:`TimeoutError`. Nothing cancels a batch.
-
-    One system task per group and Trio run, parked while nothing waits, starts the
-    batches that a room asks for while none is in flight (so that every room applying
-    edits in the same loop step joins the same batch), and times them out. A
-    :class:`CallbackCommitGroup` (a folder's writer) ends each batch in its ``on_done``
-    callback, which sends the held frames and starts the next batch at once, with no
-    task woken; other groups' batches are awaited in the task.
+    next, which starts as soon as the last one has returned and its frames are sent. A
+    system task runs the batches while any room waits, and ends when none does. Each
+    batch is shielded from cancellation, for at most the smallest ``timeout`` of its
+    rooms; past that, each of them fails with a :class:`TimeoutError`.
     """
 
     def __init__(self, group: CommitGroup) -> None:
         self.group = group
-        self._callback_group = group if isinstance(group, CallbackCommitGroup) else None
         self._waiting: dict[Committer, None] = {}
-        self._batch: _Batch | None = None
-        """The batch in flight."""
-        self._task: trio.lowlevel.Task | None = None
-        self._parked = False
-        """The task waits for a room to want a commit, or for the batch's deadline."""
-        self._deadline: trio.CancelScope | None = None
+        self._running = False
 
     @classmethod
     def of(cls, group: CommitGroup) -> _CommitDriver:
@@ -308,84 +294,43 @@ class _CommitDriver:
 
     def want(self, committer: Committer) -> None:
         self._waiting[committer] = None
-        if self._task is None:
-            self._task = trio.lowlevel.spawn_system_task(self._run, name="canvas-store commits")
-        elif self._parked and self._batch is None:
-            self._parked = False
-            trio.lowlevel.reschedule(self._task)
+        if not self._running:
+            self._running = True
+            trio.lowlevel.spawn_system_task(self._run, name="canvas-store commits")
 
     async def _run(self) -> None:
         try:
-            while True:
-                if self._batch is None and self._waiting:
-                    batch = self._take_batch()
-                    if batch is not None:
-                        await self._commit(batch)
-                    continue
-                await self._park()
+            while self._waiting:
+                waiting, self._waiting = self._waiting, {}
+                for committer in waiting:
+                    committer._wanted = False
+                batch = [c for c in waiting
+                         if c.error is None and c._in_flight is None and c.uncommitted]
+                if batch:
+                    await self._commit(batch)
         finally:
-            self._task = None
-            self._parked = False
+            self._running = False
+            for committer in self._waiting:
+                committer._wanted = False
+            self._waiting.clear()
 
-    async def _park(self) -> None:
-        """Wait until woken by :meth:`want`, or until the batch in flight is overdue
-        (then fail it)."""
-        batch = self._batch
-        with trio.CancelScope(deadline=batch.deadline if batch else math.inf) as scope:
-            self._deadline, self._parked = scope, True
-
-            def abort(_: Any) -> trio.lowlevel.Abort:
-                self._parked = False
-                return trio.lowlevel.Abort.SUCCEEDED
-
-            await trio.lowlevel.wait_task_rescheduled(abort)
-        self._deadline = None
-        if scope.cancelled_caught and batch is not None and batch is self._batch:
-            self._end(batch, batch.overdue())
-
-    def _take_batch(self) -> _Batch | None:
-        """Begin the commits of every waiting room with something to commit, if any."""
-        waiting, self._waiting = self._waiting, {}
-        for committer in waiting:
-            committer._wanted = False
-        batch = [c for c in waiting if c.error is None and c._in_flight is None]
-        committers = [c for c in batch if c.uncommitted]
-        if not committers:
-            return None
-        timeout = min(c.timeout for c in committers)
-        started = trio.current_time()
-        return _Batch(committers, [(c.storage, c._begin()) for c in committers], started,
-                      timeout)
-
-    async def _commit(self, batch: _Batch) -> None:
-        """Run ``batch``: started and left to its callback in a callback group, else
-        awaited here, shielded, until done or overdue."""
-        if self._callback_group is not None:
-            self._start(batch, self._callback_group)
-            return
-        self._batch = batch
+    async def _commit(self, batch: list[Committer]) -> None:
+        commits = [(c.storage, c._begin()) for c in batch]
+        timeout = min(c.timeout for c in batch)
         errors: list[Exception | None]
-        with trio.CancelScope(shield=True, deadline=batch.deadline) as scope:
+        started = trio.current_time()
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + timeout
             try:
-                errors = await self.group.commit_many(batch.commits)
+                errors = await self.group.commit_many(commits)
             except Exception as exc:  # the group's own failure: every room's
-                errors = [exc] * len(batch.commits)
+                errors = [exc] * len(batch)
         if scope.cancelled_caught:
-            errors = batch.overdue()
-        self._end(batch, errors)
-
-    def _end(self, batch: _Batch, errors: list[Exception | None]) -> None:
-        """``batch`` is done (or overdue): end each room's commit, then start the next
-        batch of a callback group at once. Does nothing for a batch already ended."""
-        if batch is not self._batch:
-            return
-        self._batch = None
-        elapsed = trio.current_time() - batch.started
-        for stats in {id(c.stats): c.stats for c in batch.committers}.values():  # per manager
+            errors = [TimeoutError(f"a commit took over {timeout:g} s")] * len(batch)
+        elapsed = trio.current_time() - started
+        for stats in {id(c.stats): c.stats for c in batch}.values():  # once per manager
             stats.commit_seconds.observe(elapsed)
-        for committer, (_, changes), error in zip(
-            batch.committers, batch.commits, errors, strict=True
-        ):
+        for committer, (_, changes), error in zip(batch, commits, errors, strict=True):
             try:
                 committer._end(changes, error)
             except Exception as exc:  # a bug in a room must not end every room's commits
@@ -397,39 +342,6 @@ class _CommitDriver:
                     exc_info=exc,
                     room=committer.room_id,
                 )
-        group = self._callback_group
-        if group is not None:
-            following = self._take_batch() if self._waiting else None
-            if following is not None:
-                self._start(following, group)
-            elif self._deadline is not None:
-                self._deadline.deadline = math.inf
-
-    def _start(self, batch: _Batch, group: CallbackCommitGroup) -> None:
-        """Hand ``batch`` to a callback group, which ends it in :meth:`_end`; a parked
-        task wakes at its deadline."""
-        self._batch = batch
-        group.start_commits(batch.commits, functools.partial(self._end, batch))
-        if self._deadline is not None:
-            self._deadline.deadline = batch.deadline
-
-
-@attrs.frozen(eq=False)
-class _Batch:
-    """One call of a commit group: each room's committer and what it commits."""
-
-    committers: list[Committer]
-    commits: list[tuple[Any, Changes]]
-    started: float
-    timeout: float
-
-    @property
-    def deadline(self) -> float:
-        return self.started + self.timeout
-
-    def overdue(self) -> list[Exception | None]:
-        """Every room's error when the batch takes too long."""
-        return [TimeoutError(f"a commit took over {self.timeout:g} s")] * len(self.commits)
 
 
 _drivers: trio.lowlevel.RunVar[dict[int, _CommitDriver]] = trio.lowlevel.RunVar("commit_drivers")

@@ -21,7 +21,7 @@ document, encoded, at most once per interval while it changes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
@@ -108,27 +108,6 @@ class CommitGroup(Protocol):
         each all or nothing; return, in order, None for each that is durable and the
         error for each that is not. Cancelled midway, as :meth:`JournalStorage.commit`.
         """
-        ...
-
-
-@runtime_checkable
-class CallbackCommitGroup(CommitGroup, Protocol):
-    """A :class:`CommitGroup` that can also start a batch without a task waiting on it.
-
-    The rooms' commit driver then ends each batch in ``on_done`` itself, one loop step
-    sooner than a task woken by the batch's end would (a folder's writer).
-    """
-
-    def start_commits(
-        self,
-        commits: Sequence[tuple[Any, Changes]],
-        on_done: Callable[[list[Exception | None]], None],
-    ) -> None:
-        """Start :meth:`commit_many` of ``commits`` and return at once; call
-        ``on_done(errors)`` from the event loop (in a Trio task or a
-        ``run_sync_soon`` callback) once every one is durable or has failed. Nothing
-        can cancel it: once started, it runs to its end. ``on_done`` is never called if
-        the Trio run ends first."""
         ...
 
 

@@ -182,17 +182,11 @@ def fsync_folder(folder: Path) -> None:
 
 @attrs.define(eq=False)
 class _Job:
-    """One file for a folder's worker thread; ``error`` is what went wrong with it.
-
-    Once the thread has done the job, ``done`` (if any) is set and then ``then`` (if
-    any) is called, on the event loop, after every job of the thread's batch has its
-    ``error``.
-    """
+    """One file for a folder's worker thread; ``error`` is what went wrong with it."""
 
     path: Path
-    done: trio.Event | None = attrs.Factory(trio.Event)
+    done: trio.Event = attrs.Factory(trio.Event)
     error: BaseException | None = None
-    then: Callable[[], None] | None = None
 
 
 @attrs.define(eq=False)
@@ -275,7 +269,6 @@ class _FolderWorker(Generic[J]):
         self._queued.append(job)
         if not self._busy:
             self._start()
-        assert job.done is not None
         await job.done.wait()
         if job.error is not None:
             raise job.error
@@ -296,15 +289,10 @@ class _FolderWorker(Generic[J]):
         self._busy = False
         if self._queued:
             self._start()
-        if isinstance(result, outcome.Error):
-            for job in batch:
-                if job.error is None:
-                    job.error = result.error  # a bug in the worker, not an OSError
         for job in batch:
-            if job.done is not None:
-                job.done.set()
-            if job.then is not None:
-                job.then()
+            if isinstance(result, outcome.Error) and job.error is None:
+                job.error = result.error  # a bug in the worker, not an OSError
+            job.done.set()
 
     def _do_batch(self, batch: list[J]) -> None:
         raise NotImplementedError
@@ -366,34 +354,14 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
 
         Cancelled, the appends still run to their end; the caller only stops waiting.
         """
-        done = trio.Event()
-        errors: list[Exception | None] = []
-
-        def on_done(result: list[Exception | None]) -> None:
-            errors.extend(result)
-            done.set()
-
-        self.start_commits(commits, on_done)
-        await done.wait()
-        return errors
-
-    def start_commits(
-        self,
-        commits: Sequence[tuple[FileStorage, Changes]],
-        on_done: Callable[[list[Exception | None]], None],
-    ) -> None:
-        """:meth:`commit_many`, without waiting (:class:`CallbackCommitGroup`): the
-        appends are queued at once, and ``on_done(errors)`` runs on the event loop, in
-        the callback that hears of the worker's batch, before any task is woken."""
-        jobs = [storage._append_job(changes) for storage, changes in commits]
-        if not jobs:
-            on_done([])
-            return
-        # Queued together, so done in one batch of the worker: the last one reports.
-        jobs[-1].then = lambda: on_done([_append_error(job) for job in jobs])
-        self._queued.extend(jobs)
-        if not self._busy:
-            self._start()
+        done = trio.Event()  # one for all: they are done in one batch
+        jobs = [storage._append_job(changes, done) for storage, changes in commits]
+        if jobs:
+            self._queued.extend(jobs)
+            if not self._busy:
+                self._start()
+            await done.wait()
+        return [_append_error(job) for job in jobs]
 
     def _journal(self, path: Path, view: JournalScan | None, *, read: bool = True) -> JournalFile:
         """This worker's state of one journal: ``view`` if given (replacing what it
@@ -717,12 +685,12 @@ class FileStorage:
         if error is not None:
             raise error
 
-    def _append_job(self, changes: Changes) -> _AppendJob:
+    def _append_job(self, changes: Changes, done: trio.Event) -> _AppendJob:
         record = JournalRecord(changes.timestamp, encode_record(changes))
         view = self._journal_view
         if view is not None:  # the first commit after a load (attrs' setattr is slow)
             self._journal_view = None
-        return _AppendJob(self.journal_path, None, record=record, view=view)
+        return _AppendJob(self.journal_path, done, record=record, view=view)
 
     async def save(self, snapshot: Snapshot) -> None:
         """Write the whole snapshot and remove the journal (the snapshot is the truth)."""
