@@ -11,7 +11,7 @@ edit applied meanwhile goes into the next one, while the rooms keep applying.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -32,7 +32,8 @@ class CommitError(Exception):
 class _HeldFrames:
     """Frames that wait for one commit, in the order they were sent."""
 
-    frames: list[tuple[Session, bytes]] = attrs.Factory(list)
+    frames: list[tuple[Sequence[Session], bytes]] = attrs.Factory(list)
+    """Each frame with the sessions it goes to (one tuple or list for a broadcast)."""
     presence_of: set[str] = attrs.Factory(set)
     """Clients whose presence one of the frames carries: their later presence-only
     frames queue behind it, so that no recipient gets an older presence last."""
@@ -80,6 +81,8 @@ class Committer:
         """Frames waiting for edits that no commit holds yet."""
         self._in_flight: _HeldFrames | None = None
         self._in_flight_through = 0
+        self._wanted = False
+        """In the driver's waiting list: it hears of a room once per batch, not per edit."""
         self._progress: trio.Event | None = None
         """Set when a commit ends or the committer stops; made by a waiter."""
         group = getattr(storage, "commit_group", None)
@@ -94,50 +97,44 @@ class Committer:
 
     # --- frames ----------------------------------------------------------------------
 
-    def send(
-        self,
-        session: Session,
-        frame: bytes,
-        *,
-        presence_of: str | None = None,
-        ack: bool = False,
-    ) -> None:
+    def send(self, session: Session, frame: bytes, *, ack: bool = False) -> None:
         """Send ``frame`` once every edit applied so far is durable: at once if it is.
 
-        ``presence_of`` names the client whose presence the frame also carries; ``ack``
-        says the frame is an ack to ``session``.
+        ``ack`` says the frame is an ack to ``session``.
         """
         held = self._holder()
         if held is None:
             session.send(frame)
             return
-        held.frames.append((session, frame))
-        if presence_of is not None:
-            held.presence_of.add(presence_of)
+        held.frames.append(((session,), frame))
         if ack:
             held.acks_for.add(session)
 
     def send_to_all(
-        self, sessions: Iterable[Session], frame: bytes, *, presence_of: str | None = None
+        self, sessions: Sequence[Session], frame: bytes, *, presence_of: str | None = None
     ) -> None:
-        """:meth:`send` of one frame (no ack) to each of ``sessions``."""
+        """:meth:`send` of one frame (no ack) to each of ``sessions``, which the
+        committer keeps as it is: the caller must not change it afterwards.
+
+        ``presence_of`` names the client whose presence the frame also carries.
+        """
         held = self._holder()
         if held is None:
             for session in sessions:
                 session.send(frame)
             return
-        held.frames.extend((session, frame) for session in sessions)
+        held.frames.append((sessions, frame))
         if presence_of is not None:
             held.presence_of.add(presence_of)
 
     def _holder(self) -> _HeldFrames | None:
         """The frames a frame telling of every edit applied so far waits with (None:
         every one is durable, it goes now)."""
-        if self.document.timestamp > (
-            self._in_flight_through if self._in_flight is not None else self.committed
-        ):
-            return self._next
-        return self._in_flight
+        timestamp = self.document.timestamp
+        in_flight = self._in_flight
+        if in_flight is None:
+            return self._next if timestamp > self.committed else None
+        return self._next if timestamp > self._in_flight_through else in_flight
 
     def send_reply(self, session: Session, make_frame: Callable[[int], bytes]) -> None:
         """Send a reply that tells of no edit of its own (the ack of a frame that changed
@@ -156,22 +153,24 @@ class Committer:
         if held is None:
             session.send(make_frame(self.committed))
         else:
-            held.frames.append((session, make_frame(self.document.timestamp)))
+            held.frames.append(((session,), make_frame(self.document.timestamp)))
 
     def send_presence(self, session: Session, frame: bytes, client_id: str) -> None:
         """Send a frame of ``client_id``'s presence alone: at once, unless a held frame
         carries that client's presence too, in which case it queues behind it."""
         in_flight = self._in_flight
         if client_id in self._next.presence_of:
-            self._next.frames.append((session, frame))
+            self._next.frames.append(((session,), frame))
         elif in_flight is not None and client_id in in_flight.presence_of:
-            in_flight.frames.append((session, frame))
+            in_flight.frames.append(((session,), frame))
         else:
             session.send(frame)
 
     def wanted(self) -> None:
         """Say that there is something to commit: it joins the next commit of its group."""
-        self._driver.want(self)
+        if not self._wanted:
+            self._wanted = True
+            self._driver.want(self)
 
     # --- commits ---------------------------------------------------------------------
 
@@ -207,8 +206,9 @@ class Committer:
             self.committed = changes.timestamp
             self.commits += 1
             assert held is not None
-            for session, frame in held.frames:
-                session.send(frame)
+            for sessions, frame in held.frames:
+                for session in sessions:
+                    session.send(frame)
         if progress is not None:
             progress.set()
         if error is None:
@@ -301,13 +301,17 @@ class _CommitDriver:
     async def _run(self) -> None:
         try:
             while self._waiting:
-                batch = [c for c in self._waiting if c.error is None and c._in_flight is None]
-                self._waiting.clear()
-                batch = [c for c in batch if c.uncommitted]
+                waiting, self._waiting = self._waiting, {}
+                for committer in waiting:
+                    committer._wanted = False
+                batch = [c for c in waiting
+                         if c.error is None and c._in_flight is None and c.uncommitted]
                 if batch:
                     await self._commit(batch)
         finally:
             self._running = False
+            for committer in self._waiting:
+                committer._wanted = False
             self._waiting.clear()
 
     async def _commit(self, batch: list[Committer]) -> None:

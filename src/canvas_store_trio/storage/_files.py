@@ -714,7 +714,9 @@ class FileStorage:
 
     def _append_job(self, changes: Changes, done: trio.Event) -> _AppendJob:
         record = JournalRecord(changes.timestamp, encode_record(changes))
-        view, self._journal_view = self._journal_view, None
+        view = self._journal_view
+        if view is not None:  # the first commit after a load (attrs' setattr is slow)
+            self._journal_view = None
         return _AppendJob(self.journal_path, done, record=record, view=view)
 
     async def save(self, snapshot: Snapshot) -> None:
