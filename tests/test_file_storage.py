@@ -135,18 +135,27 @@ async def test_an_unreadable_file_is_an_error_not_an_empty_room(tmp_path: Path) 
         await FileStorage(dir=tmp_path, room_id="r").load()
 
 
+def recording_reader_batches(
+    monkeypatch: pytest.MonkeyPatch, *, delay: float = 0.0
+) -> list[list[Path]]:
+    """Make the folder reader's thread record the files of each batch it takes (and
+    take ``delay`` seconds over it, so that more loads queue up meanwhile)."""
+    batches: list[list[Path]] = []
+    do_batch = _storage.FolderReader._do_batch
+
+    def recording(self: _storage.FolderReader, batch: list[_storage._ReadJob]) -> None:
+        batches.append([job.path for job in batch])
+        time.sleep(delay)
+        do_batch(self, batch)
+
+    monkeypatch.setattr(_storage.FolderReader, "_do_batch", recording)
+    return batches
+
+
 async def test_rooms_loading_at_once_share_thread_hand_offs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    batches: list[int] = []
-    do_batch = _storage.FolderReader._do_batch
-
-    def counting(self: _storage.FolderReader, batch: list[_storage._ReadJob]) -> None:
-        batches.append(len(batch))
-        time.sleep(0.02)  # the rest queue up meanwhile
-        do_batch(self, batch)
-
-    monkeypatch.setattr(_storage.FolderReader, "_do_batch", counting)
+    batches = recording_reader_batches(monkeypatch, delay=0.02)
     for i in range(0, 30, 2):  # every other room is saved; the rest are new
         await FileStorage(dir=tmp_path, room_id=f"room-{i}").save(Snapshot(timestamp=i))
     (tmp_path / "broken.json").mkdir()  # reading a folder fails with EISDIR
@@ -163,7 +172,7 @@ async def test_rooms_loading_at_once_share_thread_hand_offs(
         for room_id in [*(f"room-{i}" for i in range(30)), "broken"]:
             nursery.start_soon(load, room_id)
     # The 15 saved rooms and the broken one; a new room's files are not there to read.
-    assert sum(batches) == 16 and len(batches) <= 3, batches
+    assert sum(map(len, batches)) == 16 and len(batches) <= 3, batches
     for i in range(30):
         snapshot = loaded[f"room-{i}"]
         if i % 2:
@@ -176,22 +185,15 @@ async def test_rooms_loading_at_once_share_thread_hand_offs(
 async def test_a_new_room_loads_without_the_reader_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    read: list[Path] = []
-    do_batch = _storage.FolderReader._do_batch
-
-    def recording(self: _storage.FolderReader, batch: list[_storage._ReadJob]) -> None:
-        read.extend(job.path for job in batch)
-        do_batch(self, batch)
-
-    monkeypatch.setattr(_storage.FolderReader, "_do_batch", recording)
+    batches = recording_reader_batches(monkeypatch)
     assert await FileStorage(dir=tmp_path, room_id="new").load() is None
-    assert read == []
+    assert batches == []
     journal_only = FileStorage(dir=tmp_path, room_id="journal-only")
     record = {"_exists": True, "x": 1}
     await journal_only.commit(Changes(1, {"e/c": RecordChange(record, {"_exists": 1, "x": 1})}))
     loaded = await FileStorage(dir=tmp_path, room_id="journal-only").load()
     assert loaded is not None and loaded.state == {"e/c": record}
-    assert read == [journal_only.path]
+    assert batches == [[journal_only.path]]
 
 
 def counting_folder_fsyncs(

@@ -507,14 +507,17 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
                     job.journal_file.entry_unsynced = False
 
 
-def _missing(folder: Path, name: str) -> bool:
-    """Whether the file ``name`` is not in ``folder``: one ``stat`` on the event loop,
-    which a file system answers from its cache of names (a miss is remembered too)."""
-    try:
-        os.stat(os.path.join(folder, name))
-    except FileNotFoundError:
-        return True
-    return False
+def _no_room_files(folder: Path, stem: str) -> bool:
+    """Whether neither ``<stem>.json`` nor ``<stem>.journal`` is in ``folder``: a
+    ``stat`` each on the event loop, which a file system answers from its cache of
+    names (a miss is remembered too)."""
+    for suffix in (".json", ".journal"):
+        try:
+            os.stat(os.path.join(folder, stem + suffix))
+        except FileNotFoundError:
+            continue
+        return False
+    return True
 
 
 def _max_open_journals() -> int:
@@ -665,9 +668,7 @@ class FileStorage:
     async def _load(self) -> tuple[Snapshot | None, Snapshot | None]:
         """The snapshot as stored, and with the journal replayed over it."""
         try:
-            if _missing(self.dir, f"{self._stem}.json") and _missing(
-                self.dir, f"{self._stem}.journal"
-            ):
+            if _no_room_files(self.dir, self._stem):
                 data = journal = None  # a new room: no thread hand-off for it
             else:
                 data, journal = await FolderReader.of(self.dir).read_room(
