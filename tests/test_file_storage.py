@@ -155,6 +155,7 @@ def recording_reader_batches(
 async def test_rooms_loading_at_once_share_thread_hand_offs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(_storage, "CACHED_READ_LIMIT", 0)  # every saved file is "big"
     batches = recording_reader_batches(monkeypatch, delay=0.02)
     for i in range(0, 30, 2):  # every other room is saved; the rest are new
         await FileStorage(dir=tmp_path, room_id=f"room-{i}").save(Snapshot(timestamp=i))
@@ -182,18 +183,49 @@ async def test_rooms_loading_at_once_share_thread_hand_offs(
     assert str(loaded["broken"]).startswith(f"cannot read {tmp_path / 'broken.json'}: ")
 
 
-async def test_a_new_room_loads_without_the_reader_thread(
+def evict_from_page_cache(path: Path) -> None:
+    """Drop ``path``'s pages from the page cache (they are clean: saves fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+async def test_small_cached_room_files_load_without_the_reader_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batches = recording_reader_batches(monkeypatch)
     assert await FileStorage(dir=tmp_path, room_id="new").load() is None
-    assert batches == []
-    journal_only = FileStorage(dir=tmp_path, room_id="journal-only")
+    saved = FileStorage(dir=tmp_path, room_id="saved")
+    await saved.save(Snapshot(timestamp=3, state={"e/c": {"_exists": True, "x": 0}}))
     record = {"_exists": True, "x": 1}
+    await saved.commit(Changes(4, {"e/c": RecordChange(record, {"_exists": 4, "x": 4})}))
+    journal_only = FileStorage(dir=tmp_path, room_id="journal-only")
     await journal_only.commit(Changes(1, {"e/c": RecordChange(record, {"_exists": 1, "x": 1})}))
-    loaded = await FileStorage(dir=tmp_path, room_id="journal-only").load()
-    assert loaded is not None and loaded.state == {"e/c": record}
-    assert batches == [[journal_only.path]]
+    for room_id, timestamp in [("saved", 4), ("journal-only", 1)]:
+        loaded = await FileStorage(dir=tmp_path, room_id=room_id).load()
+        assert loaded is not None and (loaded.timestamp, loaded.state) == (
+            timestamp, {"e/c": record}
+        )
+    assert batches == []
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="reads on the loop need RWF_NOWAIT")
+async def test_room_files_not_cached_or_big_are_read_by_the_reader_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches = recording_reader_batches(monkeypatch)
+    evicted = FileStorage(dir=tmp_path, room_id="evicted")
+    await evicted.save(Snapshot(timestamp=1, state={"e/c": {"_exists": True}}))
+    evict_from_page_cache(evicted.path)
+    big = FileStorage(dir=tmp_path, room_id="big")
+    value = "x" * _storage.CACHED_READ_LIMIT
+    await big.save(Snapshot(timestamp=2, state={"e/c": {"_exists": True, "v": value}}))
+    for storage, timestamp in [(evicted, 1), (big, 2)]:
+        loaded = await FileStorage(dir=tmp_path, room_id=storage.room_id).load()
+        assert loaded is not None and loaded.timestamp == timestamp
+    assert batches == [[evicted.path], [big.path]]
 
 
 def counting_folder_fsyncs(
@@ -229,6 +261,66 @@ async def test_many_rooms_saving_at_once_share_folder_fsyncs(
         loaded = await storage.load()
         assert loaded is not None and loaded.state == {"e/c": {"_exists": True, "v": 1}}
     assert 1 <= len(calls) <= 10, f"{len(calls)} folder fsyncs for 30 saves"
+
+
+@pytest.mark.parametrize("syncfs_works", [True, False])
+async def test_the_snapshots_of_a_batch_are_synced_together_before_their_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncfs_works: bool
+) -> None:
+    """One filesystem sync for every snapshot of a batch, where it works; else one fsync
+    each. Either way every temp file is durable before it is renamed over its room."""
+    counting_folder_fsyncs(monkeypatch, delay=0.05)  # the first batch is slow: more queue
+    events: list[tuple[str, str]] = []
+    real_write, real_sync = _storage.write_temp_file, _storage.sync_filesystem
+    real_fsync, real_replace = _storage._fsync_file, _storage.replace_with_temp
+
+    def write_temp_file(path: Path, parts: Any, *, sync: bool) -> Path:
+        tmp = real_write(path, parts, sync=sync)
+        events.append(("write", tmp.name))
+        return tmp
+
+    def sync_filesystem(folder: Path) -> bool:
+        events.append(("syncfs", ""))
+        return real_sync(folder) if syncfs_works else False
+
+    def fsync_file(path: Path) -> None:
+        events.append(("fsync", path.name))
+        real_fsync(path)
+
+    def replace_with_temp(tmp: Path, path: Path) -> None:
+        events.append(("rename", tmp.name))
+        real_replace(tmp, path)
+
+    for name, fake in [("write_temp_file", write_temp_file), ("sync_filesystem", sync_filesystem),
+                       ("_fsync_file", fsync_file), ("replace_with_temp", replace_with_temp)]:
+        monkeypatch.setattr(_storage, name, fake)
+    snapshot = Snapshot(timestamp=7, state={"e/c": {"_exists": True}})
+    storages = [FileStorage(dir=tmp_path, room_id=f"room-{i}") for i in range(20)]
+    async with trio.open_nursery() as nursery:
+        for storage in storages:
+            nursery.start_soon(storage.save, snapshot)
+    written: list[str] = []
+    durable: set[str] = set()
+    for kind, name in events:
+        if kind == "write":
+            written.append(name)
+        elif kind == "fsync":
+            durable.add(name)
+        elif kind == "syncfs" and syncfs_works:
+            durable.update(written)
+        elif kind == "rename":
+            assert name in durable, f"{name} renamed before it was synced: {events}"
+    kinds = [kind for kind, _ in events]
+    assert kinds.count("rename") == 20
+    assert 1 <= kinds.count("syncfs") <= 2  # batches of more than one file
+    if syncfs_works:
+        assert kinds.count("fsync") <= 1  # the first batch, if it held one file only
+    else:
+        assert kinds.count("fsync") == 20
+    for storage in storages:
+        loaded = await storage.load()
+        assert loaded is not None and loaded.timestamp == 7
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 async def test_a_save_waits_for_a_folder_fsync_that_began_after_its_rename(

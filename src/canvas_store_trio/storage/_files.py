@@ -107,20 +107,44 @@ def write_file_atomically(path: Path, parts: Iterable[bytes], *, sync_folder: bo
     ``sync_folder`` the folder is fsynced too, so that the rename survives a power loss;
     :class:`FolderWriter` does that once for many files instead.
     """
+    replace_with_temp(write_temp_file(path, parts, sync=True), path)
+    if sync_folder:
+        fsync_folder(path.parent)
+
+
+def write_temp_file(path: Path, parts: Iterable[bytes], *, sync: bool) -> Path:
+    """Write ``parts`` to a new temp file beside ``path``, fsynced if ``sync``; return its
+    name. On failure nothing is left behind."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{next(_temp_names)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         try:
             _write_all(fd, [memoryview(part) for part in parts if part])
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def replace_with_temp(tmp: Path, path: Path) -> None:
+    """Rename the temp file ``tmp``, durable by now, over ``path``; on failure remove it."""
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if sync_folder:
-        fsync_folder(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, views: list[memoryview]) -> None:
@@ -409,15 +433,16 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
         appended: dict[int, tuple[JournalFile, int, int, list[_AppendJob]]],
     ) -> None:
         written: list[_WriteJob] = []
+        temps: dict[_WriteJob, Path] = {}  # snapshots written, not synced nor renamed yet
         for job in batch:
             if isinstance(job, _AppendJob):
                 self._append(job, appended)
             else:
-                self._write(job, written)
-        # One filesystem sync makes every journal of the batch durable at once: 1000
-        # journals cost about 9 ms so, against 135 ms for one fdatasync each. Where it
-        # fails, or there is no syncfs, each journal is synced on its own.
-        synced = len(appended) > 1 and sync_filesystem(self.folder)
+                self._write(job, temps, written)
+        # One filesystem sync makes every journal and snapshot of the batch durable at
+        # once: 1000 journals cost about 9 ms so, against 135 ms for one fdatasync each.
+        # Where it fails, or there is no syncfs, each file is synced on its own.
+        synced = len(appended) + len(temps) > 1 and sync_filesystem(self.folder)
         for journal, length, count, jobs in appended.values():
             try:
                 if not synced:
@@ -426,6 +451,16 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
                 journal.truncate(length, count)
                 for job in jobs:
                     job.error = exc
+        for write_job, tmp in temps.items():  # each snapshot durable before its rename
+            try:
+                if not synced:
+                    _fsync_file(tmp)
+                replace_with_temp(tmp, write_job.path)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                write_job.error = exc
+            else:
+                written.append(write_job)
         entries = [entry for entry in appended.values() if entry[0].entry_unsynced]
         if entries or any(job.parts is not None for job in written):
             try:
@@ -462,7 +497,11 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
         else:
             entry[3].append(job)
 
-    def _write(self, job: _WriteJob, written: list[_WriteJob]) -> None:
+    def _write(
+        self, job: _WriteJob, temps: dict[_WriteJob, Path], written: list[_WriteJob]
+    ) -> None:
+        """Write the job's snapshot to a temp file (in ``temps``, synced and renamed
+        with the batch), or, with none to write, put the job in ``written``."""
         try:
             if job.journal is not None:
                 # A plain save removes the whole journal: no need to read it.
@@ -472,14 +511,12 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
                 written.append(job)  # nothing to write: straight to the fold
                 return
             try:
-                write_file_atomically(job.path, job.parts, sync_folder=False)
+                temps[job] = write_temp_file(job.path, job.parts, sync=False)
             except FileNotFoundError:  # the folder is not there (yet, or any more)
                 self.folder.mkdir(parents=True, exist_ok=True)
-                write_file_atomically(job.path, job.parts, sync_folder=False)
+                temps[job] = write_temp_file(job.path, job.parts, sync=False)
         except OSError as exc:
             job.error = exc
-        else:
-            written.append(job)
 
     def _fold(self, jobs: list[_WriteJob]) -> None:
         """Fold the journals of ``jobs``, whose snapshots are durable now."""
@@ -507,17 +544,47 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
                     job.journal_file.entry_unsynced = False
 
 
-def _no_room_files(folder: Path, stem: str) -> bool:
-    """Whether neither ``<stem>.json`` nor ``<stem>.journal`` is in ``folder``: a
-    ``stat`` each on the event loop, which a file system answers from its cache of
-    names (a miss is remembered too)."""
-    for suffix in (".json", ".journal"):
-        try:
-            os.stat(os.path.join(folder, stem + suffix))
-        except FileNotFoundError:
-            continue
-        return False
-    return True
+class _NotCached:
+    """What :func:`_read_if_cached` returns for a file the reader thread must read."""
+
+
+_NOT_CACHED = _NotCached()
+
+CACHED_READ_LIMIT = 64 * 1024
+"""The largest room file a load reads on the event loop (if the page cache holds it)."""
+
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+
+
+def _read_if_cached(path: str) -> bytes | _NotCached | None:
+    """The bytes of ``path`` (None: there is no such file), read on the event loop
+    without waiting for the disk, or :data:`_NOT_CACHED` if that cannot be done.
+
+    A missing file costs one failed ``open``, which the file system answers from its
+    cache of names. A file of at most :data:`CACHED_READ_LIMIT` bytes is read whole
+    with ``preadv(RWF_NOWAIT)`` (Linux), which refuses (``EAGAIN``) rather than wait
+    for pages the page cache lacks. Anything else (a bigger file, a page not cached, no
+    ``RWF_NOWAIT``, any other error) is left to the folder's reader thread, which also
+    reports the errors.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return _NOT_CACHED
+    try:
+        size = os.fstat(fd).st_size
+        if size > CACHED_READ_LIMIT or (size and _RWF_NOWAIT is None):
+            return _NOT_CACHED
+        data = bytearray(size)
+        if size and os.preadv(fd, [data], 0, _RWF_NOWAIT or 0) != size:
+            return _NOT_CACHED  # a page was not cached (a short read), or it shrank
+        return bytes(data)
+    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: no such reads on this file system
+        return _NOT_CACHED
+    finally:
+        os.close(fd)
 
 
 def _max_open_journals() -> int:
@@ -668,12 +735,7 @@ class FileStorage:
     async def _load(self) -> tuple[Snapshot | None, Snapshot | None]:
         """The snapshot as stored, and with the journal replayed over it."""
         try:
-            if _no_room_files(self.dir, self._stem):
-                data = journal = None  # a new room: no thread hand-off for it
-            else:
-                data, journal = await FolderReader.of(self.dir).read_room(
-                    self.path, self.journal_path
-                )
+            data, journal = await self._read_files()
         except OSError as exc:
             raise StorageError(f"cannot read {exc.filename or self.path}: {exc.strerror}") from None
         snapshot = None
@@ -701,6 +763,22 @@ class FileStorage:
         self._journal_view = scan
         self.needs_fold = journal is not None
         return snapshot, replay(snapshot, changes)
+
+    async def _read_files(self) -> tuple[bytes | None, bytes | None]:
+        """The snapshot's bytes and the journal's (None for a missing file).
+
+        A new room, and the files of a saved one that are small and in the page cache,
+        are read on the event loop (:func:`_read_if_cached`): no thread hand-off. The
+        rest is read by the folder's reader thread, which raises ``OSError``.
+        """
+        stem = os.path.join(self.dir, self._stem)  # no Path objects for a new room
+        data = _read_if_cached(stem + ".json")
+        if not isinstance(data, _NotCached):
+            journal = _read_if_cached(stem + ".journal")
+            if not isinstance(journal, _NotCached):
+                return data, journal
+        path, journal_path = self._files()
+        return await FolderReader.of(self.dir).read_room(path, journal_path)
 
     async def commit(self, changes: Changes) -> None:
         """Append ``changes`` to the journal; durable (fdatasynced) once this returns.
