@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 import time
@@ -13,7 +14,7 @@ import pytest
 import trio
 
 from canvas_store_trio import Document, FileStorage, Snapshot, SnapshotError, StorageError
-from canvas_store_trio._document import Changes, RecordChange
+from canvas_store_trio._document import Changes, RecordChange, encode_snapshot_parts
 from canvas_store_trio.storage import _files as _storage
 from canvas_store_trio.storage._files import room_file_name, room_id_from_file_name
 
@@ -263,13 +264,12 @@ async def test_many_rooms_saving_at_once_share_folder_fsyncs(
     assert 1 <= len(calls) <= 10, f"{len(calls)} folder fsyncs for 30 saves"
 
 
-@pytest.mark.parametrize("syncfs_works", [True, False])
-async def test_the_snapshots_of_a_batch_are_synced_together_before_their_renames(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncfs_works: bool
-) -> None:
-    """One filesystem sync for every snapshot of a batch, where it works; else one fsync
-    each. Either way every temp file is durable before it is renamed over its room."""
-    counting_folder_fsyncs(monkeypatch, delay=0.05)  # the first batch is slow: more queue
+def recording_syncs_and_renames(
+    monkeypatch: pytest.MonkeyPatch, *, syncfs_works: bool
+) -> list[tuple[str, str]]:
+    """Record, in order, the folder writer's temp files written (``write``), its
+    filesystem syncs (``syncfs``; failing unless ``syncfs_works``), the fsyncs of single
+    temp files (``fsync``) and the renames of temp files over their targets."""
     events: list[tuple[str, str]] = []
     real_write, real_sync = _storage.write_temp_file, _storage.sync_filesystem
     real_fsync, real_replace = _storage._fsync_file, _storage.replace_with_temp
@@ -294,11 +294,10 @@ async def test_the_snapshots_of_a_batch_are_synced_together_before_their_renames
     for name, fake in [("write_temp_file", write_temp_file), ("sync_filesystem", sync_filesystem),
                        ("_fsync_file", fsync_file), ("replace_with_temp", replace_with_temp)]:
         monkeypatch.setattr(_storage, name, fake)
-    snapshot = Snapshot(timestamp=7, state={"e/c": {"_exists": True}})
-    storages = [FileStorage(dir=tmp_path, room_id=f"room-{i}") for i in range(20)]
-    async with trio.open_nursery() as nursery:
-        for storage in storages:
-            nursery.start_soon(storage.save, snapshot)
+    return events
+
+
+def assert_synced_before_renamed(events: list[tuple[str, str]], *, syncfs_works: bool) -> None:
     written: list[str] = []
     durable: set[str] = set()
     for kind, name in events:
@@ -310,6 +309,22 @@ async def test_the_snapshots_of_a_batch_are_synced_together_before_their_renames
             durable.update(written)
         elif kind == "rename":
             assert name in durable, f"{name} renamed before it was synced: {events}"
+
+
+@pytest.mark.parametrize("syncfs_works", [True, False])
+async def test_the_snapshots_of_a_batch_are_synced_together_before_their_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncfs_works: bool
+) -> None:
+    """One filesystem sync for every snapshot of a batch, where it works; else one fsync
+    each. Either way every temp file is durable before it is renamed over its room."""
+    counting_folder_fsyncs(monkeypatch, delay=0.05)  # the first batch is slow: more queue
+    events = recording_syncs_and_renames(monkeypatch, syncfs_works=syncfs_works)
+    snapshot = Snapshot(timestamp=7, state={"e/c": {"_exists": True}})
+    storages = [FileStorage(dir=tmp_path, room_id=f"room-{i}") for i in range(20)]
+    async with trio.open_nursery() as nursery:
+        for storage in storages:
+            nursery.start_soon(storage.save, snapshot)
+    assert_synced_before_renamed(events, syncfs_works=syncfs_works)
     kinds = [kind for kind, _ in events]
     assert kinds.count("rename") == 20
     assert 1 <= kinds.count("syncfs") <= 2  # batches of more than one file
@@ -320,6 +335,32 @@ async def test_the_snapshots_of_a_batch_are_synced_together_before_their_renames
     for storage in storages:
         loaded = await storage.load()
         assert loaded is not None and loaded.timestamp == 7
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("syncfs_works", [True, False])
+async def test_journals_rewritten_by_a_batch_of_folds_are_synced_before_their_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncfs_works: bool
+) -> None:
+    record = {"_exists": True, "x": 1}
+    storages = [FileStorage(dir=tmp_path, room_id=f"room-{i}") for i in range(10)]
+    for storage in storages:
+        for timestamp in (5, 9):
+            changes = {"e/c": RecordChange(record, {"_exists": timestamp, "x": timestamp})}
+            await storage.commit(Changes(timestamp, changes))
+    events = recording_syncs_and_renames(monkeypatch, syncfs_works=syncfs_works)
+    async with trio.open_nursery() as nursery:  # each keeps the record of 9 in its journal
+        for storage in storages:
+            parts = encode_snapshot_parts(Snapshot(timestamp=7, state={"e/c": record}))
+            nursery.start_soon(functools.partial(storage.save_encoded, parts, fold_through=7))
+    assert_synced_before_renamed(events, syncfs_works=syncfs_works)
+    journals_renamed = [name for kind, name in events
+                        if kind == "rename" and ".journal." in name]
+    assert len(journals_renamed) == 10
+    for storage in storages:
+        loaded = await FileStorage(dir=tmp_path, room_id=storage.room_id).load()
+        assert loaded is not None and loaded.timestamp == 9
+        assert len(storage.journal_path.read_bytes()) > 0
     assert not list(tmp_path.glob("*.tmp"))
 
 

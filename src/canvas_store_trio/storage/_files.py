@@ -519,19 +519,35 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
             job.error = exc
 
     def _fold(self, jobs: list[_WriteJob]) -> None:
-        """Fold the journals of ``jobs``, whose snapshots are durable now."""
-        rewritten = []
+        """Fold the journals of ``jobs``, whose snapshots are durable now: the rewritten
+        journals are synced together, as a batch's snapshots are, then renamed."""
+        temps: dict[_WriteJob, Path] = {}
         for job in jobs:
             journal = job.journal_file
             if journal is None:
                 continue
             try:
-                if journal.fold(job.fold_through):
-                    rewritten.append(job)
-                elif not journal.records and self._journals.get(journal.path) is journal:
-                    del self._journals[journal.path]  # removed: nothing to keep
+                tmp = journal.fold(job.fold_through)
             except OSError as exc:
                 job.error = _FoldFailed(exc)
+                continue
+            if tmp is not None:
+                temps[job] = tmp
+            elif not journal.records and self._journals.get(journal.path) is journal:
+                del self._journals[journal.path]  # removed: nothing to keep
+        synced = len(temps) > 1 and sync_filesystem(self.folder)
+        rewritten = []
+        for job, tmp in temps.items():
+            assert job.journal_file is not None
+            try:
+                if not synced:
+                    _fsync_file(tmp)
+                job.journal_file.replace_with_folded(tmp)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                job.error = _FoldFailed(exc)
+            else:
+                rewritten.append(job)
         if rewritten:
             try:
                 fsync_folder(self.folder)

@@ -174,6 +174,8 @@ class JournalFile:
     dirty_tail: bool = False
     entry_unsynced: bool = False
     fd: int | None = None
+    _folded: list[JournalRecord] = attrs.field(factory=list, repr=False)
+    """The records a fold kept, until its file replaces this one."""
 
     @classmethod
     def from_scan(cls, path: Path, scan: JournalScan) -> JournalFile:
@@ -237,33 +239,43 @@ class JournalFile:
                 return
             self.dirty_tail = False
 
-    def fold(self, through: int | None) -> bool:
+    def fold(self, through: int | None) -> Path | None:
         """Drop the records at or below ``through`` (None: all of them).
 
-        With none left the file is removed. Otherwise the rest are written to a new file
-        that replaces this one atomically, and True is returned: the folder must then be
-        fsynced before the rename counts (``entry_unsynced`` is set). The folder is not
-        fsynced after a removal: a journal that comes back holds only records the
-        snapshot already has, which replay skips.
+        With none left the file is removed, and None returned; None too if there is
+        nothing to drop. Otherwise the rest are written to a temp file beside it, not
+        synced, whose name is returned: the caller makes it durable (one filesystem sync
+        can serve many), then calls :meth:`replace_with_folded`. Until then this view
+        and the file are as they were.
         """
         keep = [] if through is None else [r for r in self.records if r.timestamp > through]
         if keep and len(keep) == len(self.records) and not self.dirty_tail:
-            return False  # nothing to drop
+            return None  # nothing to drop
         if not keep:
             self.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
             self.length, self.records, self.dirty_tail = 0, [], False
-            return False
-        from ._files import write_file_atomically
+            return None
+        from ._files import write_temp_file
 
-        write_file_atomically(self.path, [r.data for r in keep], sync_folder=False)
+        self._folded = keep
+        return write_temp_file(self.path, [r.data for r in keep], sync=False)
+
+    def replace_with_folded(self, tmp: Path) -> None:
+        """Rename the folded file ``tmp`` (from :meth:`fold`, durable by now) over the
+        journal, which then holds the kept records. The folder must be fsynced before
+        the rename counts (``entry_unsynced`` is set). Raises ``OSError`` (``tmp`` is
+        removed, the journal stays as it was)."""
+        from ._files import replace_with_temp
+
+        replace_with_temp(tmp, self.path)
+        keep, self._folded = self._folded, []
         self.close()
         self.records = keep
         self.length = sum(len(r.data) for r in keep)
         self.dirty_tail = False
         self.entry_unsynced = True
-        return True
 
     def close(self) -> None:
         """Close the file descriptor, if open (the view stays; it reopens on need)."""
