@@ -1,9 +1,10 @@
 """Rooms kept as files: one ``<room>.json`` snapshot each, in the Node server's format.
 
-Every file is written to a temp file, fsynced and renamed; one worker thread per folder
-(:class:`FolderWriter`) writes each batch of saves and fsyncs the folder once for all.
-Loads are batched the same way (:class:`FolderReader`), so that 300 rooms opening at
-once cost a few thread hand-offs, not 300.
+Every file is written to a temp file, made durable and renamed; one worker thread per
+folder (:class:`FolderWriter`) writes each batch of saves, syncs their files together
+and fsyncs the folder once for all. Loads are batched the same way
+(:class:`FolderReader`), so that 300 rooms opening at once cost a few thread hand-offs,
+not 300; a new room, and a small saved one the page cache holds, need none.
 
 With durable acks a room also has a journal, ``<room>.journal`` beside the snapshot
 (format and replay in :mod:`._journal`): :meth:`FileStorage.commit` appends to it, and
@@ -337,10 +338,12 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
     The folder is the server's own: a journal removed or replaced behind its back is
     not noticed while its descriptor is open.
 
-    A batch runs in this order: every job's write (snapshots to temp files and renames,
-    journal appends), then one ``fdatasync`` per appended journal (after all the writes,
-    so the file system can commit them together), then one folder fsync for the lot,
-    then the folds of the saves that asked for one, each after its snapshot is durable.
+    A batch runs in this order: every job's write (snapshots to unsynced temp files,
+    journal appends), then one ``syncfs`` that makes them all durable (where it fails or
+    is missing, an ``fdatasync`` per journal and an fsync per temp file), then the
+    renames of the temp files, then one folder fsync for the lot, then the folds of the
+    saves that asked for one, each after its snapshot is durable (the rewritten
+    journals synced together the same way, then renamed, then the folder fsynced).
     """
 
     def __init__(self, folder: Path) -> None:
