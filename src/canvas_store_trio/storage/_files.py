@@ -30,7 +30,7 @@ import os
 import re
 import sys
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Generic, Self, TypeVar
@@ -454,16 +454,11 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
                 journal.truncate(length, count)
                 for job in jobs:
                     job.error = exc
-        for write_job, tmp in temps.items():  # each snapshot durable before its rename
-            try:
-                if not synced:
-                    _fsync_file(tmp)
-                replace_with_temp(tmp, write_job.path)
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                write_job.error = exc
-            else:
+        for write_job, error in _renamed_once_durable(temps, synced, _replace_snapshot):
+            if error is None:
                 written.append(write_job)
+            else:
+                write_job.error = error
         entries = [entry for entry in appended.values() if entry[0].entry_unsynced]
         if entries or any(job.parts is not None for job in written):
             try:
@@ -540,17 +535,11 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
                 del self._journals[journal.path]  # removed: nothing to keep
         synced = len(temps) > 1 and sync_filesystem(self.folder)
         rewritten = []
-        for job, tmp in temps.items():
-            assert job.journal_file is not None
-            try:
-                if not synced:
-                    _fsync_file(tmp)
-                job.journal_file.replace_with_folded(tmp)
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                job.error = _FoldFailed(exc)
-            else:
+        for job, error in _renamed_once_durable(temps, synced, _replace_journal):
+            if error is None:
                 rewritten.append(job)
+            else:
+                job.error = _FoldFailed(error)
         if rewritten:
             try:
                 fsync_folder(self.folder)
@@ -561,6 +550,35 @@ class FolderWriter(_FolderWorker[_WriteJob | _AppendJob]):
                 for job in rewritten:
                     assert job.journal_file is not None
                     job.journal_file.entry_unsynced = False
+
+
+def _renamed_once_durable(
+    temps: dict[_WriteJob, Path],
+    synced: bool,
+    rename: Callable[[_WriteJob, Path], None],
+) -> Iterator[tuple[_WriteJob, OSError | None]]:
+    """Rename each job's temp file with ``rename(job, tmp)`` once it is durable: at once
+    if ``synced`` (a filesystem sync covered it), else after an fsync of its own. Yield
+    each job with the ``OSError`` that failed it (its temp file then removed), or None."""
+    for job, tmp in temps.items():
+        try:
+            if not synced:
+                _fsync_file(tmp)
+            rename(job, tmp)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            yield job, exc
+        else:
+            yield job, None
+
+
+def _replace_snapshot(job: _WriteJob, tmp: Path) -> None:
+    replace_with_temp(tmp, job.path)
+
+
+def _replace_journal(job: _WriteJob, tmp: Path) -> None:
+    assert job.journal_file is not None
+    job.journal_file.replace_with_folded(tmp)
 
 
 class _NotCached:
@@ -587,7 +605,7 @@ def _read_if_cached(path: str) -> bytes | _NotCached | None:
     reports the errors.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError:
