@@ -213,13 +213,15 @@ test('a server killed before its throttled save comes back behind the clients an
     resyncs.some((m) => m.since === batch1Ts),
     `a resync names the restored timestamp ${batch1Ts}: ${JSON.stringify(resyncs)}`,
   )
-  for (const c of [a, b]) {
-    if (c.framesIn('resync', { after: 1 }).length === 0) continue
-    await waitFor(() => c.framesOut('patch', { after: 1 }).some((m) => m.messageId.includes('-resync-')), {
-      what: `${c.clientId} answered resync with a patch`,
-      clients: [c],
-    })
-  }
+  // The first client asked answers with the edits the server lost. A client asked
+  // after that client's answer reached it may find nothing newer than `since` to send:
+  // the npm client then sends no patch at all, so only one answer is required.
+  const answeredResync = (c) =>
+    c.framesOut('patch', { after: 1 }).some((m) => m.messageId.includes('-resync-'))
+  await waitFor(() => answeredResync(a) || answeredResync(b), {
+    what: 'a client answered resync with a patch',
+    clients: [a, b],
+  })
 
   await waitConverged([a, b], { expected, what: 'clients agree after the heal', timeout: 8000 })
   await waitFor(() => a.allAcked() && b.allAcked(), { what: 'heal acked', clients: [a, b] })
