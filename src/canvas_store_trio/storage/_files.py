@@ -141,6 +141,7 @@ def replace_with_temp(tmp: Path, path: Path) -> None:
 
 
 def _fsync_file(path: Path) -> None:
+    """Make the bytes written to the file ``path`` durable (blocking)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)

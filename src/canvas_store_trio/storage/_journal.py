@@ -246,7 +246,9 @@ class JournalFile:
         nothing to drop. Otherwise the rest are written to a temp file beside it, not
         synced, whose name is returned: the caller makes it durable (one filesystem sync
         can serve many), then calls :meth:`replace_with_folded`. Until then this view
-        and the file are as they were.
+        and the file are as they were. The folder is not fsynced after a removal: a
+        journal that comes back holds only records the snapshot already has, which
+        replay skips.
         """
         keep = [] if through is None else [r for r in self.records if r.timestamp > through]
         if keep and len(keep) == len(self.records) and not self.dirty_tail:
@@ -269,8 +271,8 @@ class JournalFile:
         removed, the journal stays as it was)."""
         from ._files import replace_with_temp
 
+        keep, self._folded = self._folded, []  # a failed rename keeps nothing either
         replace_with_temp(tmp, self.path)
-        keep, self._folded = self._folded, []
         self.close()
         self.records = keep
         self.length = sum(len(r.data) for r in keep)
