@@ -196,6 +196,42 @@ async def test_presence_is_neither_held_nor_committed(
     assert storage.committed_keys() == [{"a/c"}, {"held/c"}]
 
 
+async def test_replies_and_presence_queue_behind_the_frames_of_a_commit_in_flight(
+    autojump_clock: Any, storage: CommandedStorage
+) -> None:
+    def cursor(x: int) -> list[dict[str, Any]]:
+        return [{"a/cursor": {"_exists": True, "x": x}}]
+
+    async with (
+        durable_manager(storage) as manager,
+        joined(manager, "a") as a,
+        joined(manager, "b") as b,
+    ):
+        for client in (a, b):
+            await client.drain()
+        storage.block()
+        await a.send(type="patch", messageId="e1", documentPatches=[create("a/c", 1)],
+                     ephemeralPatches=cursor(1))
+        await storage.wait_attempts(1)  # e1 is in flight
+        await a.send(type="patch", messageId="p2", ephemeralPatches=cursor(2))
+        await edit(a, "e3", 3)  # into the next commit
+        await a.send(type="patch", messageId="p4", ephemeralPatches=cursor(4))
+        # Every reply waits behind a held ack of a's, every presence of a's behind e1's.
+        assert await a.drain(QUIET) == []
+        assert await b.drain(QUIET) == []
+        storage.release()
+        acks = await take(a, "ack", 4)
+        patches = await take(b, "patch", 4)
+
+    assert [(ack["messageId"], ack["timestamp"]) for ack in acks] == [
+        ("e1", 1), ("p2", 1), ("e3", 2), ("p4", 2)]
+    # b sees a's presence in the order a sent it, and each edit once it is durable.
+    assert [p.get("ephemeralPatches") for p in patches if p.get("ephemeralPatches")] == [
+        cursor(1), cursor(2), cursor(4)]
+    assert [keys_in([p]) for p in patches if p.get("documentPatches")] == [{"a/c"}, {"e3"}]
+    assert storage.committed_keys() == [{"a/c"}, {"e3"}]
+
+
 # --- a commit that fails ---------------------------------------------------------------------
 
 

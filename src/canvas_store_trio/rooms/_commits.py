@@ -30,16 +30,30 @@ class CommitError(Exception):
 
 @attrs.define(eq=False)
 class _HeldFrames:
-    """Frames that wait for one commit, in the order they were sent."""
+    """Frames that wait for one commit, in the order they were sent.
 
-    frames: list[tuple[Sequence[Session], bytes]] = attrs.Factory(list)
-    """Each frame with the sessions it goes to (one tuple or list for a broadcast)."""
-    presence_of: set[str] = attrs.Factory(set)
+    A room makes one per commit, and a frame or two per edit: each is kept as lean as
+    it can be, as they are what the garbage collector sees pile up between commits.
+    """
+
+    number: int
+    """Counts up per committer: a session's ``held_ack`` names the last that holds an
+    ack of its, so that its later replies queue behind it and every session gets its
+    acks in the order it sent the frames."""
+    frames: list[tuple[Session | list[Session], bytes]] = attrs.Factory(list)
+    """Each frame with the session it goes to, or the list of those (a broadcast)."""
+    presence_of: set[str] | None = None
     """Clients whose presence one of the frames carries: their later presence-only
     frames queue behind it, so that no recipient gets an older presence last."""
-    acks_for: set[Session] = attrs.Factory(set)
-    """Sessions with an ack among the frames: their later replies queue behind it, so
-    that every session gets its acks in the order it sent the frames."""
+
+    def release(self) -> None:
+        """Send every frame, in order."""
+        for to, frame in self.frames:
+            if isinstance(to, Session):
+                to.send(frame)
+            else:
+                for session in to:
+                    session.send(frame)
 
 
 class Committer:
@@ -77,8 +91,9 @@ class Committer:
         self.error: BaseException | None = None
         """Why the last commit failed (no traceback), once one has."""
         self.commits = 0
-        self._next = _HeldFrames()
-        """Frames waiting for edits that no commit holds yet."""
+        self._next: _HeldFrames | None = None
+        """Frames waiting for edits that no commit holds yet (made on need)."""
+        self._numbered = 0
         self._in_flight: _HeldFrames | None = None
         self._in_flight_through = 0
         self._wanted = False
@@ -106,14 +121,14 @@ class Committer:
         if held is None:
             session.send(frame)
             return
-        held.frames.append(((session,), frame))
+        held.frames.append((session, frame))
         if ack:
-            held.acks_for.add(session)
+            session.held_ack = held.number
 
     def send_to_all(
-        self, sessions: Sequence[Session], frame: bytes, *, presence_of: str | None = None
+        self, sessions: list[Session], frame: bytes, *, presence_of: str | None = None
     ) -> None:
-        """:meth:`send` of one frame (no ack) to each of ``sessions``, which the
+        """:meth:`send` of one frame (no ack) to each of ``sessions``, a list the
         committer keeps as it is: the caller must not change it afterwards.
 
         ``presence_of`` names the client whose presence the frame also carries.
@@ -125,6 +140,8 @@ class Committer:
             return
         held.frames.append((sessions, frame))
         if presence_of is not None:
+            if held.presence_of is None:
+                held.presence_of = set()
             held.presence_of.add(presence_of)
 
     def _holder(self) -> _HeldFrames | None:
@@ -133,8 +150,17 @@ class Committer:
         timestamp = self.document.timestamp
         in_flight = self._in_flight
         if in_flight is None:
-            return self._next if timestamp > self.committed else None
-        return self._next if timestamp > self._in_flight_through else in_flight
+            if timestamp <= self.committed:
+                return None
+        elif timestamp <= self._in_flight_through:
+            return in_flight
+        return self._next or self._new_holder()
+
+    def _new_holder(self) -> _HeldFrames:
+        """A new ``_next``, numbered after every earlier one."""
+        self._numbered += 1
+        self._next = _HeldFrames(self._numbered)
+        return self._next
 
     def send_reply(self, session: Session, make_frame: Callable[[int], bytes]) -> None:
         """Send a reply that tells of no edit of its own (the ack of a frame that changed
@@ -143,28 +169,24 @@ class Committer:
         ``make_frame(timestamp)`` builds it with the room timestamp it may tell: the
         last committed one if it goes now, the room's own if it waits for a commit.
         """
-        in_flight = self._in_flight
-        if session in self._next.acks_for:
-            held: _HeldFrames | None = self._next
-        elif in_flight is not None and session in in_flight.acks_for:
-            held = in_flight
-        else:
-            held = None
+        held: _HeldFrames | None = None
+        if session.held_ack:  # held acks are in the newest holders, or sent already
+            for holder in (self._next, self._in_flight):
+                if holder is not None and holder.number == session.held_ack:
+                    held = holder
         if held is None:
             session.send(make_frame(self.committed))
         else:
-            held.frames.append(((session,), make_frame(self.document.timestamp)))
+            held.frames.append((session, make_frame(self.document.timestamp)))
 
     def send_presence(self, session: Session, frame: bytes, client_id: str) -> None:
         """Send a frame of ``client_id``'s presence alone: at once, unless a held frame
         carries that client's presence too, in which case it queues behind it."""
-        in_flight = self._in_flight
-        if client_id in self._next.presence_of:
-            self._next.frames.append(((session,), frame))
-        elif in_flight is not None and client_id in in_flight.presence_of:
-            in_flight.frames.append(((session,), frame))
-        else:
-            session.send(frame)
+        for held in (self._next, self._in_flight):
+            if held is not None and held.presence_of and client_id in held.presence_of:
+                held.frames.append((session, frame))
+                return
+        session.send(frame)
 
     def wanted(self) -> None:
         """Say that there is something to commit: it joins the next commit of its group."""
@@ -192,7 +214,8 @@ class Committer:
     def _begin(self) -> Changes:
         """Take what to commit now; the frames held so far wait for it."""
         changes = self.document.take_changes()
-        held, self._next = self._next, _HeldFrames()
+        held = self._next or self._new_holder()
+        self._next = None
         self._in_flight, self._in_flight_through = held, changes.timestamp
         return changes
 
@@ -206,9 +229,7 @@ class Committer:
             self.committed = changes.timestamp
             self.commits += 1
             assert held is not None
-            for sessions, frame in held.frames:
-                for session in sessions:
-                    session.send(frame)
+            held.release()
         if progress is not None:
             progress.set()
         if error is None:
@@ -221,7 +242,7 @@ class Committer:
         storage decides. ``on_failed`` is not called."""
         if self.error is None:
             self.error = CommitError(reason)
-        self._next = _HeldFrames()
+        self._next = None
         progress, self._progress = self._progress, None
         if progress is not None:
             progress.set()
@@ -229,7 +250,7 @@ class Committer:
     def _fail(self, exc: Exception) -> None:
         # Kept without its traceback: its frames hold the room.
         self.error = exc.with_traceback(None)
-        self._next = _HeldFrames()
+        self._next = None
         log_event(
             logging.ERROR,
             "commit_failed",

@@ -181,6 +181,9 @@ class Session:
         self._outbox_ready = trio.Event()
         self._writer_started = False
         self.close_code: int | None = None
+        self.held_ack = 0
+        """With durable acks: the number of the room's held frames with this session's
+        last ack (0: none yet), so that its later replies queue behind it."""
         self.close_reason = ""
         self.cancel_scope = trio.CancelScope()
         self._write_scope: trio.CancelScope | None = None
