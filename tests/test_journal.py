@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import re
@@ -239,6 +240,30 @@ async def test_a_journal_descriptor_stays_open_until_a_save_folds_the_journal(
     assert open_descriptors_to(tmp_path / "r.journal") == 1
     await storage.save(doc.snapshot())  # removes the journal
     assert open_descriptors_to(tmp_path / "r.journal") == 0
+
+
+async def test_the_records_a_journal_keeps_until_its_fold_give_the_collector_nothing_to_scan(
+    tmp_path: Path,
+) -> None:
+    # A busy room keeps every record since its last fold (thousands, for a fold
+    # without a re-read); were each a tracked object, every full collection would walk
+    # them all.
+    storage = FileStorage(tmp_path, "r")
+    doc = Document()
+
+    async def commit(count: int) -> None:
+        for i in range(count):
+            await storage.commit(edit(doc, {"e1/pos": {"_exists": True, "x": i}}))
+
+    await commit(10)
+    gc.collect()
+    tracked = len(gc.get_objects())
+    await commit(300)
+    gc.collect()
+    assert len(gc.get_objects()) - tracked < 30  # not one (or more) per record
+    assert journal_timestamps(tmp_path / "r.journal") == list(range(1, 311))
+    await storage.save_encoded(encode_snapshot_parts(Snapshot(300, {}, {})), fold_through=300)
+    assert journal_timestamps(tmp_path / "r.journal") == list(range(301, 311))
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")

@@ -159,7 +159,10 @@ class JournalFile:
     """A worker thread's view of one journal file (blocking methods; one thread at a time).
 
     ``length`` is where the good records end, and ``records`` are those records (every
-    record since the last fold), so a fold needs no re-read. ``dirty_tail``: the file
+    record since the last fold, as a plain ``(timestamp, bytes)`` tuple), so a fold
+    needs no re-read. A busy room keeps thousands between two folds: the garbage
+    collector stops tracking tuples of plain values, so they add nothing to its full
+    collections, where a :class:`JournalRecord` each would. ``dirty_tail``: the file
     may hold bytes past ``length`` (a torn tail, a failed append), cut off before the
     next append. ``entry_unsynced``: the file's folder entry (creation, or the rename of
     a rewrite) is not durable yet, so the folder must be fsynced before an append to it
@@ -170,17 +173,20 @@ class JournalFile:
 
     path: Path
     length: int = 0
-    records: list[JournalRecord] = attrs.field(factory=list)
+    records: list[tuple[int, bytes]] = attrs.field(factory=list)
     dirty_tail: bool = False
     entry_unsynced: bool = False
     fd: int | None = None
-    _folded: list[JournalRecord] = attrs.field(factory=list, repr=False)
+    _folded: list[tuple[int, bytes]] = attrs.field(factory=list, repr=False)
     """The records a fold kept, until its file replaces this one."""
 
     @classmethod
     def from_scan(cls, path: Path, scan: JournalScan) -> JournalFile:
         return cls(
-            path, scan.good_length, list(scan.records), dirty_tail=scan.size > scan.good_length
+            path,
+            scan.good_length,
+            [(record.timestamp, record.data) for record in scan.records],
+            dirty_tail=scan.size > scan.good_length,
         )
 
     @classmethod
@@ -219,7 +225,7 @@ class JournalFile:
             self.truncate(self.length, len(self.records))
             raise
         self.length += len(record.data)
-        self.records.append(record)
+        self.records.append((record.timestamp, record.data))
 
     def sync(self) -> None:
         """Make the appended bytes durable (``fdatasync``; ``fsync`` where there is none)."""
@@ -250,7 +256,7 @@ class JournalFile:
         journal that comes back holds only records the snapshot already has, which
         replay skips.
         """
-        keep = [] if through is None else [r for r in self.records if r.timestamp > through]
+        keep = [] if through is None else [r for r in self.records if r[0] > through]
         if keep and len(keep) == len(self.records) and not self.dirty_tail:
             return None  # nothing to drop
         if not keep:
@@ -262,7 +268,7 @@ class JournalFile:
         from ._files import write_temp_file
 
         self._folded = keep
-        return write_temp_file(self.path, [r.data for r in keep], sync=False)
+        return write_temp_file(self.path, [data for _, data in keep], sync=False)
 
     def replace_with_folded(self, tmp: Path) -> None:
         """Rename the folded file ``tmp`` (from :meth:`fold`, durable by now) over the
@@ -275,7 +281,7 @@ class JournalFile:
         replace_with_temp(tmp, self.path)
         self.close()
         self.records = keep
-        self.length = sum(len(r.data) for r in keep)
+        self.length = sum(len(data) for _, data in keep)
         self.dirty_tail = False
         self.entry_unsynced = True
 
