@@ -3,17 +3,21 @@
 With thousands of connections, a cycle through a closed room keeps its document alive
 until a full collection, and those pauses were 130-175 ms. Each test runs with the
 collector off (never calling it) and checks that no room, document, session or server
-socket it made is still alive once its rooms have closed.
+socket it made is still alive once its rooms have closed. The last test checks that
+``serve`` freezes what its start-up left, so that the full collections that do run
+walk the server's own objects only.
 """
 
 from __future__ import annotations
 
 import functools
 import gc
+import subprocess
 import sys
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -225,3 +229,27 @@ async def test_rooms_that_fail_are_freed_without_the_collector(autojump_clock: A
             assert await manager.close_all() == ["r"]  # its last flush times out
             assert len(watch.refs) == 2
             watch.assert_all_freed()
+
+
+def test_serve_freezes_what_start_up_left_so_that_full_collections_skip_it(
+    tmp_path: Path,
+) -> None:
+    # In a process of its own: gc.freeze() holds for the whole process.
+    script = """
+import gc, sys, trio
+from canvas_store_trio.cli._main import build_parser, serve
+
+async def main():
+    args = build_parser().parse_args(["serve", "--port", "0", "--data-dir", sys.argv[1]])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, args)
+        print(gc.get_freeze_count(), len(gc.get_objects()))
+        nursery.cancel_scope.cancel()
+
+trio.run(main)
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    frozen, left = map(int, done.stdout.split())
+    assert frozen > 10_000  # the modules, classes and functions of start-up
+    assert left < frozen / 10  # what a full collection still walks
